@@ -1,0 +1,175 @@
+"""scPaLM model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+# Named sizes. "paper" is Table 4 of the paper (N = 256, K = 128, 60,664 genes); "tiny"
+# pretrains both stages on pbmc3k in minutes on two CPU cores.
+PRESETS = {
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "num_pathway_tokens": 32,
+        "codebook_size": 32,
+        "contrastive_queue_size": 1024,
+        "contrastive_refit_interval": 25,
+        "contrastive_num_clusters": 8,
+        "contrastive_max_negatives": 32,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "num_pathway_tokens": 64,
+        "codebook_size": 64,
+    },
+    "paper": {
+        "num_genes": 60664,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "intermediate_size": 3072,
+        "num_pathway_tokens": 256,
+        "codebook_size": 128,
+    },
+}
+
+
+@strict(accept_kwargs=True)
+class ScPaLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of an scPaLM model (Permutation-invariant embedding -> pathway encoder -> vector quantizer ->
+    decoder for stage 1; cell encoder + cell decoder with a contrastive loss for stage 2).
+
+    Args:
+        num_genes (`int`): size of the gene vocabulary (the processor's vocabulary length).
+        num_pathway_tokens (`int`): N, the number of tokens the embedding pools all genes of a cell into.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob,
+        attention_probs_dropout_prob, layer_norm_eps, initializer_range: transformer sizes (Table 4 of the paper).
+            `num_hidden_layers` is the depth of both encoders; 0 turns the pathway encoder off (ablation).
+        decoder_num_hidden_layers (`int`, *optional*): depth of both decoders; defaults to `num_hidden_layers`.
+        codebook_size (`int`): K, the number of pathway codes.
+        use_quantizer (`bool`): quantize the pathway tokens (turn off for the Table 3 ablation).
+        commitment_beta (`float`): beta of eq. 1; the encoder is pulled to its code with weight beta and the code to
+            the encoder output with weight 1 - beta.
+        dead_code_patience (`int`): a code unused for this many training steps is replaced by a recent encoder
+            output (0 disables replacement).
+        token_keep_ratio (`float`): p, the fraction of pathway tokens the cell encoder sees in stage 2.
+        contrastive_loss_weight (`float`): weight of the eq. 2 loss in stage 2 (0 trains h_C without it).
+        contrastive_temperature (`float`): tau of eq. 2.
+        contrastive_queue_size (`int`): length of the queue of recent cell embeddings that k-means is fitted on.
+        contrastive_refit_interval (`int`): T_r, training steps between k-means refits.
+        contrastive_num_clusters (`int`): number of k-means pseudo-labels.
+        contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
+
+    Example:
+
+    ```python
+    >>> from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+    >>> config = ScPaLMConfig.from_preset("tiny", num_genes=2000)
+    >>> model = ScPaLMModel(config)
+    ```"""
+
+    model_type = "scpalm"
+
+    num_genes: int = 60664
+    num_pathway_tokens: int = 256
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    decoder_num_hidden_layers: int | None = None
+    num_attention_heads: int = 8
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    codebook_size: int = 128
+    use_quantizer: bool = True
+    commitment_beta: float = 0.25
+    dead_code_patience: int = 20
+    token_keep_ratio: float = 0.5
+    contrastive_loss_weight: float | int = 1.0
+    contrastive_temperature: float = 0.2
+    contrastive_queue_size: int = 4096
+    contrastive_refit_interval: int = 100
+    contrastive_num_clusters: int = 16
+    contrastive_max_negatives: int = 128
+
+    def __post_init__(self, **kwargs):
+        if self.decoder_num_hidden_layers is None:
+            self.decoder_num_hidden_layers = self.num_hidden_layers
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ScPaLMConfig":
+        """A named size (`"tiny"`, `"small"` or `"paper"`), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def genes_per_token(self) -> int:
+        """s of Algorithm 3: each pathway token decodes this many consecutive vocabulary genes."""
+        return -(-self.num_genes // self.num_pathway_tokens)
+
+    @property
+    def num_kept_tokens(self) -> int:
+        """N' of section 3.3: how many pathway tokens the cell encoder sees in stage 2."""
+        return max(1, round(self.token_keep_ratio * self.num_pathway_tokens))
+
+    def validate_scpalm(self):
+        """Part of `@strict` validation: every value in range, with the fix in the message."""
+        positive = (
+            "num_genes",
+            "num_pathway_tokens",
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "codebook_size",
+            "contrastive_queue_size",
+            "contrastive_refit_interval",
+            "contrastive_num_clusters",
+            "contrastive_max_negatives",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        for name in ("num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}): pick a head count that divides it."
+            )
+        if self.num_pathway_tokens > self.num_genes:
+            raise ValueError(
+                f"`num_pathway_tokens` ({self.num_pathway_tokens}) exceeds `num_genes` ({self.num_genes}): "
+                "pool into fewer tokens than there are genes."
+            )
+        if not 0.0 <= self.commitment_beta <= 1.0:
+            raise ValueError(f"`commitment_beta` weighs two terms of eq. 1 and must be in [0, 1], got {self.commitment_beta}.")
+        if not 0.0 < self.token_keep_ratio < 1.0 or self.num_kept_tokens >= self.num_pathway_tokens:
+            raise ValueError(
+                f"`token_keep_ratio` ({self.token_keep_ratio}) must keep at least one and mask at least one of the "
+                f"{self.num_pathway_tokens} pathway tokens: use a value in (0, 1), e.g. 0.5."
+            )
+        if self.contrastive_loss_weight < 0:
+            raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"`contrastive_temperature` must be > 0, got {self.contrastive_temperature}.")
+        if self.contrastive_num_clusters > self.contrastive_queue_size:
+            raise ValueError(
+                f"`contrastive_num_clusters` ({self.contrastive_num_clusters}) exceeds `contrastive_queue_size` "
+                f"({self.contrastive_queue_size}): k-means needs at least one queued cell per cluster."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+
+
+__all__ = ["ScPaLMConfig", "PRESETS"]

@@ -1,0 +1,730 @@
+"""scPaLM: single-cell language model through genetic pathway learning (sections 3.1-3.3 of the paper).
+
+Stage 1 (`ScPaLMForPathwayReconstruction`): permutation-invariant embedding -> pathway encoder -> vector quantizer
+-> decoder, trained to reconstruct every measured gene (Algorithm 3) plus the commitment loss.
+Stage 2 (`ScPaLMForCellPretraining`): with the stage-1 parts frozen, a cell token e_C and p% of the pathway tokens
+go through the cell encoder; the cell decoder reconstructs the genes of the masked tokens from the kept ones and
+the mask token e_M, and a contrastive loss on the cell token of two views pulls cells together by k-means
+pseudo-labels (eq. 2, Algorithm 2).
+`ScPaLMModel` gives the cell embedding h_C from all N tokens; `ScPaLMForCellClassification` fine-tunes on labels.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_scpalm import ScPaLMConfig
+from .embedding_scpalm import ScPaLMEmbeddings
+from .quantizer_scpalm import ScPaLMQuantizerOutput, ScPaLMVectorQuantizer
+
+# `save_pretrained` records only the saved class in `auto_map`; every saved folder also names these, so that
+# `AutoModel` and the classification auto class load it with `trust_remote_code=True`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_scpalm.ScPaLMConfig",
+    "AutoModel": "modeling_scpalm.ScPaLMModel",
+    "AutoModelForSequenceClassification": "modeling_scpalm.ScPaLMForCellClassification",
+}
+KMEANS_ITERATIONS = 20
+
+
+# -- outputs ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScPaLMModelOutput(ModelOutput):
+    r"""
+    cell_embedding (`(batch_size, hidden_size)`): h_C, the cell token after the cell encoder.
+    last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, h_C first.
+    pathway_codes (`(batch_size, num_pathway_tokens)`): each pathway token's codebook index (None without quantizer).
+    pathway_tokens (`(batch_size, num_pathway_tokens, hidden_size)`): the quantized pathway tokens Z.
+    pathway_hidden_states (`(batch_size, num_pathway_tokens, hidden_size)`): the pathway encoder output before
+        quantization.
+    hidden_states (`tuple`, when `output_hidden_states`): the embedding output and every pathway encoder layer's
+        output, then the cell encoder's input and every one of its layers' outputs.
+    """
+
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pathway_codes: torch.LongTensor | None = None
+    pathway_tokens: torch.FloatTensor | None = None
+    pathway_hidden_states: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ScPaLMForPathwayReconstructionOutput(ModelOutput):
+    r"""
+    loss (scalar): reconstruction_loss + commitment_loss.
+    reconstruction_loss (scalar): MSE over every measured gene (Algorithm 3).
+    commitment_loss (scalar): eq. 1 (0 without quantizer).
+    reconstruction (`(batch_size, num_genes)`): the decoded expression in vocabulary order.
+    pathway_codes (`(batch_size, num_pathway_tokens)`): the codes of the pathway tokens.
+    codebook_perplexity (scalar): exp-entropy of this batch's code usage.
+    num_dead_codes (scalar): codes unused for `dead_code_patience` steps (replaced during training).
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    pathway_codes: torch.LongTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    num_dead_codes: torch.LongTensor | None = None
+
+
+@dataclass
+class ScPaLMForCellPretrainingOutput(ModelOutput):
+    r"""
+    loss (scalar): reconstruction_loss + contrastive_loss_weight * contrastive_loss.
+    reconstruction_loss (scalar): MSE over the measured genes of the masked pathway tokens.
+    contrastive_loss (scalar): eq. 2 on the cell tokens of the two views (None when its weight is 0).
+    reconstruction (`(batch_size, num_genes)`): the cell decoder's output in vocabulary order.
+    masked_token_mask (`(batch_size, num_pathway_tokens)`): True for the tokens the cell encoder did not see.
+    cell_embedding (`(batch_size, hidden_size)`): h_C of the first view.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    masked_token_mask: torch.BoolTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScPaLMForCellClassificationOutput(ModelOutput):
+    r"""
+    loss (scalar, when `labels` are given): cross-entropy (MSE for `num_labels == 1`).
+    logits (`(batch_size, num_labels)`).
+    cell_embedding (`(batch_size, hidden_size)`): h_C.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScPaLMPathwayOutput:
+    """Internal: what the stage-1 parts (embedding, pathway encoder, quantizer) make of a batch."""
+
+    tokens: torch.Tensor
+    encoder_output: torch.Tensor
+    quantizer: ScPaLMQuantizerOutput | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+
+
+# -- transformer blocks -----------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class ScPaLMSelfAttention(nn.Module):
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (
+            states.view(shape).transpose(1, 2) for states in self.qkv(hidden_states).chunk(3, dim=-1)
+        )
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attended, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return self.output(attended.reshape(*hidden_states.shape[:-1], -1))
+
+
+class ScPaLMLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer layer."""
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ScPaLMSelfAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size, config.intermediate_size),
+            ACT2FN[config.hidden_act],
+            nn.Linear(config.intermediate_size, config.hidden_size),
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(self.attention(self.attention_norm(hidden_states)))
+        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+
+
+class ScPaLMTransformer(nn.Module):
+    """A stack of layers and a final LayerNorm; with 0 layers only the LayerNorm (the encoder-off ablation)."""
+
+    def __init__(self, config: ScPaLMConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([ScPaLMLayer(config) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        all_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+            if output_hidden_states:
+                all_states += (hidden_states,)
+        return self.norm(hidden_states), all_states
+
+
+class ScPaLMCellEncoder(nn.Module):
+    """Stage 2's encoder: the cell token e_C, then the kept pathway tokens with their slot embeddings."""
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__()
+        self.cell_token = nn.Parameter(torch.empty(config.hidden_size))
+        self.slot_embeddings = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size))
+        self.transformer = ScPaLMTransformer(config, config.num_hidden_layers)
+
+    def forward(
+        self, pathway_tokens: torch.Tensor, kept_token_indices: torch.Tensor | None, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        tokens = pathway_tokens + self.slot_embeddings
+        if kept_token_indices is not None:
+            tokens = tokens.gather(1, kept_token_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        cell_token = self.cell_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        return self.transformer(torch.cat([cell_token, tokens], dim=1), output_hidden_states)
+
+
+class ScPaLMGeneDecoder(nn.Module):
+    """Decodes N tokens into the expression of every vocabulary gene (Algorithm 3): slot k gives genes [k*s, (k+1)*s)."""
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__()
+        self.num_genes = config.num_genes
+        self.slot_embeddings = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size))
+        self.transformer = ScPaLMTransformer(config, config.decoder_num_hidden_layers)
+        # Slot k's own readout: every gene has its own loading on its slot's state (a grouped linear layer).
+        self.head_weight = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size, config.genes_per_token))
+        # Each gene's mean expression is not the tokens' business; a per-gene bias carries it.
+        self.gene_bias = nn.Parameter(torch.empty(config.num_genes))
+
+    @torch.no_grad()
+    def initialize_gene_bias(self, mean_expression: torch.Tensor):
+        """Start the per-gene bias at the training data's mean expression, so the decoder's tokens learn the rest."""
+        if mean_expression.shape != self.gene_bias.shape:
+            raise ValueError(
+                f"`mean_expression` has shape {tuple(mean_expression.shape)}; the vocabulary has {self.num_genes} genes."
+            )
+        self.gene_bias.copy_(mean_expression.to(self.gene_bias))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden_states, _ = self.transformer(tokens + self.slot_embeddings)
+        genes = torch.einsum("bkd,kds->bks", hidden_states, self.head_weight.to(hidden_states.dtype))
+        return genes.flatten(1)[:, : self.num_genes] + self.gene_bias
+
+
+# -- pseudo-label contrastive loss ------------------------------------------------------------------------------------
+
+
+def spherical_kmeans(points: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding then Lloyd iterations on unit vectors (cosine similarity); returns unit centroids."""
+    points = F.normalize(points.float(), dim=-1)
+    centroids = points[torch.randint(points.shape[0], (1,), generator=generator, device=points.device)]
+    for _ in range(1, num_clusters):
+        distance = (1 - (points @ centroids.T).amax(-1)).clamp_min(0)
+        weights = distance if distance.sum() > 0 else torch.ones_like(distance)
+        pick = torch.multinomial(weights, 1, generator=generator)
+        centroids = torch.cat([centroids, points[pick]])
+    for _ in range(KMEANS_ITERATIONS):
+        assignment = (points @ centroids.T).argmax(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        sizes = torch.bincount(assignment, minlength=num_clusters)
+        # An empty cluster keeps its centroid.
+        centroids = torch.where(sizes[:, None] > 0, F.normalize(sums, dim=-1), centroids)
+    return centroids
+
+
+class ScPaLMPseudoLabelContrast(nn.Module):
+    """
+    Eq. 2 as InfoNCE with cosine similarity over tau: the two views of a cell are the positive pair; cells of other
+    k-means pseudo-clusters (at most `contrastive_max_negatives`, drawn at random) are the negatives. A queue of recent
+    cell embeddings is refitted every `contrastive_refit_interval` steps; before the first fit every other cell is a
+    negative. Under torch.distributed the queue holds every process's embeddings in rank order and k-means is seeded
+    by the step, so every process computes the same pseudo-labels.
+    """
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__()
+        self.temperature = config.contrastive_temperature
+        self.max_negatives = config.contrastive_max_negatives
+        self.num_clusters = config.contrastive_num_clusters
+        self.refit_interval = config.contrastive_refit_interval
+        self.register_buffer("queue", torch.empty(config.contrastive_queue_size, config.hidden_size))
+        self.register_buffer("queue_filled", torch.empty((), dtype=torch.long))
+        self.register_buffer("queue_position", torch.empty((), dtype=torch.long))
+        self.register_buffer("centroids", torch.empty(config.contrastive_num_clusters, config.hidden_size))
+        self.register_buffer("centroids_fitted", torch.empty((), dtype=torch.bool))
+        self.register_buffer("step", torch.empty((), dtype=torch.long))
+
+    def forward(self, cell_embedding: torch.Tensor, second_view_embedding: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._maybe_refit()
+        anchors = F.normalize(cell_embedding.float(), dim=-1)
+        others = F.normalize(second_view_embedding.float(), dim=-1)
+        negatives = ~torch.eye(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+        if self.centroids_fitted:
+            labels = (anchors.detach() @ self.centroids.T).argmax(-1)
+            negatives &= labels[:, None] != labels[None, :]
+        negatives = self._limit_negatives(negatives)
+        logits = anchors @ others.T / self.temperature
+        loss = 0.5 * (_info_nce(logits, negatives) + _info_nce(logits.T, negatives.T))
+        if self.training:
+            self._enqueue(anchors.detach())
+        return loss
+
+    def _limit_negatives(self, negatives: torch.Tensor) -> torch.Tensor:
+        if negatives.shape[1] <= self.max_negatives:
+            return negatives
+        priority = torch.rand(negatives.shape, device=negatives.device).masked_fill(~negatives, -1.0)
+        chosen = priority.topk(self.max_negatives, dim=1).indices
+        return negatives & torch.zeros_like(negatives).scatter_(1, chosen, True)
+
+    @torch.no_grad()
+    def _maybe_refit(self):
+        step = int(self.step)
+        self.step += 1
+        if step % self.refit_interval or int(self.queue_filled) < self.num_clusters:
+            return
+        generator = torch.Generator(device=self.queue.device).manual_seed(step)
+        self.centroids.copy_(spherical_kmeans(self.queue[: int(self.queue_filled)], self.num_clusters, generator))
+        self.centroids_fitted.fill_(True)
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: torch.Tensor):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(embeddings) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, embeddings.contiguous())
+            embeddings = torch.cat(gathered)
+        size = self.queue.shape[0]
+        embeddings = embeddings[-size:]
+        slots = (int(self.queue_position) + torch.arange(embeddings.shape[0], device=embeddings.device)) % size
+        self.queue[slots] = embeddings.to(self.queue.dtype)
+        self.queue_position.fill_((int(self.queue_position) + embeddings.shape[0]) % size)
+        self.queue_filled.fill_(min(size, int(self.queue_filled) + embeddings.shape[0]))
+
+
+def _info_nce(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Mean over anchors of -log(exp(pos) / (exp(pos) + sum exp(neg))); positives on the diagonal."""
+    positives = logits.diagonal()
+    candidates = torch.cat([positives[:, None], logits.masked_fill(~negatives, float("-inf"))], dim=1)
+    return (torch.logsumexp(candidates, dim=1) - positives).mean()
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+
+
+class ScPaLMPreTrainedModel(PreTrainedModel):
+    config: ScPaLMConfig
+    config_class = ScPaLMConfig
+    base_model_prefix = "scpalm"
+    main_input_name = "gene_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ScPaLMLayer", "ScPaLMEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ScPaLMEmbeddings):
+            # Value and gene identity enter the gene vector at comparable scales.
+            init.normal_(module.value_projection, std=1.0)
+            init.ones_(module.value_scale)
+            init.normal_(module.zero_value, std=1.0)
+            init.normal_(module.gene_embeddings, std=1.0)
+            init.normal_(module.null_gene, std=1.0)
+            init.normal_(module.token_queries, std=std)
+            init.zeros_(module.pool_norm.running_mean)
+            init.ones_(module.pool_norm.running_var)
+            init.zeros_(module.pool_norm.num_batches_tracked)
+        elif isinstance(module, ScPaLMVectorQuantizer):
+            # Codes start on the scale of the LayerNorm-ed encoder output.
+            init.normal_(module.codebook, std=1.0)
+            init.zeros_(module.codebook_mean)
+            init.ones_(module.codebook_std)
+            init.zeros_(module.steps_since_used)
+        elif isinstance(module, ScPaLMCellEncoder):
+            init.normal_(module.cell_token, std=std)
+            init.normal_(module.slot_embeddings, std=std)
+        elif isinstance(module, ScPaLMGeneDecoder):
+            init.normal_(module.slot_embeddings, std=std)
+            init.normal_(module.head_weight, std=std)
+            init.zeros_(module.gene_bias)
+        elif isinstance(module, ScPaLMPseudoLabelContrast):
+            for buffer in (module.queue, module.queue_filled, module.queue_position, module.centroids, module.step):
+                init.zeros_(buffer)
+            init.constant_(module.centroids_fitted, False)
+        elif isinstance(module, ScPaLMForCellPretraining):
+            init.normal_(module.mask_token, std=std)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules this head keeps fixed while it trains (none by default)."""
+        return []
+
+    def freeze_frozen_modules(self):
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading puts in new parameters that require grad: freeze this head's fixed parts again.
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_frozen_modules()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _check_inputs(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        measured_gene_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape and type checks (no device sync); returns the attention and measured-gene masks with defaults."""
+        if gene_ids.dim() != 2 or gene_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"`gene_ids` must be an integer tensor of shape (batch, max_nonzero), got {tuple(gene_ids.shape)} "
+                f"{gene_ids.dtype}: make inputs with `ScPaLMProcessor`."
+            )
+        if gene_values.shape != gene_ids.shape or not gene_values.is_floating_point():
+            raise ValueError(
+                f"`gene_values` must be a float tensor shaped like `gene_ids` {tuple(gene_ids.shape)}, got "
+                f"{tuple(gene_values.shape)} {gene_values.dtype}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(gene_ids, dtype=torch.bool)
+        elif attention_mask.shape != gene_ids.shape:
+            raise ValueError(
+                f"`attention_mask` {tuple(attention_mask.shape)} must have the shape of `gene_ids` {tuple(gene_ids.shape)}."
+            )
+        num_genes = self.config.num_genes
+        if measured_gene_mask is None:
+            measured_gene_mask = torch.ones(num_genes, dtype=torch.bool, device=gene_ids.device)
+        elif measured_gene_mask.shape[-1] != num_genes or measured_gene_mask.dim() not in (1, 2) or (
+            measured_gene_mask.dim() == 2 and measured_gene_mask.shape[0] != gene_ids.shape[0]
+        ):
+            raise ValueError(
+                f"`measured_gene_mask` {tuple(measured_gene_mask.shape)} must be ({num_genes},) or "
+                f"(batch, {num_genes}): this model's vocabulary has {num_genes} genes (`config.num_genes`). "
+                "Use the processor saved with this model."
+            )
+        return attention_mask.bool(), measured_gene_mask.bool()
+
+    def _dense_targets(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
+        """(batch, num_genes) expression in vocabulary order from the sparse inputs."""
+        values = (gene_values * attention_mask).float()
+        return torch.zeros(gene_ids.shape[0], self.config.num_genes, device=gene_ids.device).scatter_add_(
+            1, gene_ids.long(), values
+        )
+
+
+class ScPaLMModel(ScPaLMPreTrainedModel):
+    """Embedding, pathway encoder and quantizer (stage 1) and the cell encoder (stage 2); gives h_C."""
+
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__(config)
+        self.embeddings = ScPaLMEmbeddings(config)
+        self.encoder = ScPaLMTransformer(config, config.num_hidden_layers)
+        self.quantizer = ScPaLMVectorQuantizer(config) if config.use_quantizer else None
+        self.cell_encoder = ScPaLMCellEncoder(config)
+        self.post_init()
+
+    def pathway_modules(self) -> list[nn.Module]:
+        """The modules trained in stage 1 and frozen in stage 2."""
+        return [module for module in (self.embeddings, self.encoder, self.quantizer) if module is not None]
+
+    def encode_pathways(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        measured_gene_mask: torch.Tensor,
+        output_hidden_states: bool = False,
+    ) -> ScPaLMPathwayOutput:
+        embedded = self.embeddings(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        encoded, hidden_states = self.encoder(embedded, output_hidden_states)
+        quantized = self.quantizer(encoded) if self.quantizer is not None else None
+        return ScPaLMPathwayOutput(
+            tokens=quantized.quantized if quantized is not None else encoded,
+            encoder_output=encoded,
+            quantizer=quantized,
+            hidden_states=hidden_states,
+        )
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        measured_gene_mask: torch.Tensor | None = None,
+        kept_token_indices: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ScPaLMModelOutput | tuple:
+        r"""
+        gene_ids (`(batch_size, max_nonzero)`): vocabulary ids of each cell's non-zero genes, padded.
+        gene_values (`(batch_size, max_nonzero)`): their log-normalised values.
+        attention_mask (`(batch_size, max_nonzero)`, *optional*): True for real entries, False for padding.
+        measured_gene_mask (`(num_genes,)` or `(batch_size, num_genes)`, *optional*): vocabulary genes the data
+            measured; the rest are left out. Defaults to all.
+        kept_token_indices (`(batch_size, kept_tokens)`, *optional*): sorted pathway-token indices for the cell
+            encoder; all N tokens by default, which is how cell embeddings are computed.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        pathway = self.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask, output_hidden_states)
+        hidden, cell_hidden_states = self.cell_encoder(pathway.tokens, kept_token_indices, output_hidden_states)
+        output = ScPaLMModelOutput(
+            cell_embedding=hidden[:, 0],
+            last_hidden_state=hidden,
+            pathway_codes=pathway.quantizer.codes if pathway.quantizer is not None else None,
+            pathway_tokens=pathway.tokens,
+            pathway_hidden_states=pathway.encoder_output,
+            hidden_states=pathway.hidden_states + cell_hidden_states if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
+    """Stage 1: reconstruct every measured gene from the quantized pathway tokens, plus the commitment loss."""
+
+    _auto_class = "AutoModelForPreTraining"
+    _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\."]
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__(config)
+        self.scpalm = ScPaLMModel(config)
+        self.decoder = ScPaLMGeneDecoder(config)
+        self.post_init()
+        self.freeze_frozen_modules()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        # The cell encoder is stage 2's; freezing it keeps it out of the optimizer and of DDP's unused-parameter check.
+        return [self.scpalm.cell_encoder]
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        measured_gene_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ScPaLMForPathwayReconstructionOutput | tuple:
+        r"""Inputs as [`ScPaLMModel`]; the loss is always computed (the inputs are their own targets)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        pathway = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        reconstruction = self.decoder(pathway.tokens).float()
+        targets = self._dense_targets(gene_ids, gene_values, attention_mask)
+        reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
+        quantized = pathway.quantizer
+        commitment_loss = quantized.commitment_loss if quantized is not None else reconstruction_loss.new_zeros(())
+        output = ScPaLMForPathwayReconstructionOutput(
+            loss=reconstruction_loss + commitment_loss,
+            reconstruction_loss=reconstruction_loss,
+            commitment_loss=commitment_loss,
+            reconstruction=reconstruction,
+            pathway_codes=quantized.codes if quantized is not None else None,
+            codebook_perplexity=quantized.perplexity if quantized is not None else None,
+            num_dead_codes=quantized.num_dead_codes if quantized is not None else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
+    """Stage 2 (section 3.3, Algorithm 2): cell token, masked reconstruction and pseudo-label contrast."""
+
+    _auto_class = "AutoModelForPreTraining"
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__(config)
+        self.scpalm = ScPaLMModel(config)
+        self.mask_token = nn.Parameter(torch.empty(config.hidden_size))
+        self.cell_decoder = ScPaLMGeneDecoder(config)
+        self.contrastive = ScPaLMPseudoLabelContrast(config)
+        self.post_init()
+        self.freeze_frozen_modules()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return self.scpalm.pathway_modules()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen stage-1 parts stay in eval mode: no dropout, fixed normalisation statistics, no code replacement.
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def sample_kept_token_indices(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """(batch, N') random pathway-token indices, sorted, a fresh draw for every cell."""
+        noise = torch.rand(batch_size, self.config.num_pathway_tokens, device=device)
+        return noise.argsort(dim=1)[:, : self.config.num_kept_tokens].sort(dim=1).values
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        measured_gene_mask: torch.Tensor | None = None,
+        kept_token_indices: torch.Tensor | None = None,
+        contrastive_kept_token_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ScPaLMForCellPretrainingOutput | tuple:
+        r"""
+        kept_token_indices (`(batch_size, kept_tokens)`, *optional*): sorted indices of the pathway tokens the cell
+            encoder sees in the reconstructed view; drawn at random when not given (the collator makes them).
+        contrastive_kept_token_indices (`(batch_size, kept_tokens)`, *optional*): the second, independent view.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        batch_size, device = gene_ids.shape[0], gene_ids.device
+        with torch.no_grad():
+            tokens = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask).tokens
+        if kept_token_indices is None:
+            kept_token_indices = self.sample_kept_token_indices(batch_size, device)
+        hidden, _ = self.scpalm.cell_encoder(tokens, kept_token_indices)
+        cell_embedding = hidden[:, 0]
+
+        # Kept tokens' outputs back in their slots, e_M in the others; h_C is left out (section 3.3).
+        kept = kept_token_indices.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        decoder_input = self.mask_token.to(hidden.dtype).expand(batch_size, self.config.num_pathway_tokens, -1)
+        decoder_input = decoder_input.scatter(1, kept, hidden[:, 1:])
+        reconstruction = self.cell_decoder(decoder_input).float()
+        masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
+        masked_token_mask.scatter_(1, kept_token_indices, False)
+        masked_genes = masked_token_mask.repeat_interleave(self.config.genes_per_token, dim=1)[:, : self.config.num_genes]
+        targets = self._dense_targets(gene_ids, gene_values, attention_mask)
+        reconstruction_loss = _masked_mse(reconstruction, targets, masked_genes & measured_gene_mask)
+        loss = reconstruction_loss
+
+        contrastive_loss = None
+        if self.config.contrastive_loss_weight > 0:
+            if contrastive_kept_token_indices is None:
+                contrastive_kept_token_indices = self.sample_kept_token_indices(batch_size, device)
+            second_view, _ = self.scpalm.cell_encoder(tokens, contrastive_kept_token_indices)
+            contrastive_loss = self.contrastive(cell_embedding, second_view[:, 0])
+            loss = loss + self.config.contrastive_loss_weight * contrastive_loss
+
+        output = ScPaLMForCellPretrainingOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            contrastive_loss=contrastive_loss,
+            reconstruction=reconstruction,
+            masked_token_mask=masked_token_mask,
+            cell_embedding=cell_embedding,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
+    """A linear classifier on h_C, for fine-tuning with `Trainer`."""
+
+    _auto_class = "AutoModelForSequenceClassification"
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
+
+    def __init__(self, config: ScPaLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.scpalm = ScPaLMModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        measured_gene_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ScPaLMForCellClassificationOutput | tuple:
+        r"""labels (`(batch_size,)`, *optional*): class indices (float targets when `num_labels == 1`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cell_embedding = self.scpalm(gene_ids, gene_values, attention_mask, measured_gene_mask).cell_embedding
+        logits = self.classifier(self.dropout(cell_embedding))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        output = ScPaLMForCellClassificationOutput(loss=loss, logits=logits, cell_embedding=cell_embedding)
+        return output if return_dict else output.to_tuple()
+
+
+def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the entries where `mask` holds (Algorithm 3: ||o - x||^2 / ||m||_1)."""
+    mask = mask.to(prediction.dtype)
+    return ((prediction - target).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+__all__ = [
+    "ScPaLMPreTrainedModel",
+    "ScPaLMModel",
+    "ScPaLMForPathwayReconstruction",
+    "ScPaLMForCellPretraining",
+    "ScPaLMForCellClassification",
+    "ScPaLMModelOutput",
+    "ScPaLMForPathwayReconstructionOutput",
+    "ScPaLMForCellPretrainingOutput",
+    "ScPaLMForCellClassificationOutput",
+]

@@ -1,0 +1,116 @@
+"""Algorithm 1: permutation invariance, sparse == dense, unmeasured genes ignored, cost independent of the vocabulary."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_scpalm import ScPaLMModel
+from modeling_scpalm.embedding_scpalm import ScPaLMEmbeddings
+
+from .conftest import random_cells, sparse_inputs
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    model = ScPaLMModel(tiny_config).eval()
+    # Away from initialisation, so that no symmetry of fresh weights hides a bug.
+    with torch.no_grad():
+        for parameter in model.embeddings.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def test_sparse_path_equals_dense_path(model, tiny_config):
+    dense = random_cells(6, tiny_config.num_genes, seed=1)
+    measured = torch.rand(tiny_config.num_genes, generator=torch.Generator().manual_seed(2)) > 0.2
+    inputs = sparse_inputs(dense)
+    with torch.no_grad():
+        sparse_tokens = model.embeddings(**inputs, measured_gene_mask=measured)
+        dense_tokens = model.embeddings.forward_dense(torch.from_numpy(dense), measured)
+    torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_path_equals_dense_path_with_a_panel_per_cell(model, tiny_config):
+    dense = random_cells(5, tiny_config.num_genes, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    measured = torch.rand(5, tiny_config.num_genes, generator=generator) > 0.3
+    measured[1] = measured[0]  # two cells share a panel
+    measured |= torch.from_numpy(dense > 0)
+    with torch.no_grad():
+        sparse_tokens = model.embeddings(**sparse_inputs(dense), measured_gene_mask=measured)
+        dense_tokens = model.embeddings.forward_dense(torch.from_numpy(dense), measured)
+    torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_path_gradients_equal_dense_path_gradients(tiny_config):
+    torch.manual_seed(0)
+    embeddings = ScPaLMEmbeddings(tiny_config)
+    ScPaLMModel(tiny_config)._init_weights(embeddings)
+    embeddings.eval()
+    dense = random_cells(4, tiny_config.num_genes, seed=5)
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    weights = torch.randn(4, tiny_config.num_pathway_tokens, tiny_config.hidden_size)
+
+    (embeddings(**sparse_inputs(dense), measured_gene_mask=measured) * weights).sum().backward()
+    sparse_grads = {name: p.grad.clone() for name, p in embeddings.named_parameters() if p.grad is not None}
+    embeddings.zero_grad()
+    (embeddings.forward_dense(torch.from_numpy(dense), measured) * weights).sum().backward()
+    for name, parameter in embeddings.named_parameters():
+        if name in sparse_grads:
+            torch.testing.assert_close(sparse_grads[name], parameter.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_every_measured_gene_expressed_keeps_the_zero_pool_defined(model, tiny_config):
+    dense = np.full((2, tiny_config.num_genes), 1.5, dtype=np.float32)
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        sparse_tokens = model.embeddings(**sparse_inputs(dense), measured_gene_mask=measured)
+        dense_tokens = model.embeddings.forward_dense(torch.from_numpy(dense), measured)
+    assert torch.isfinite(sparse_tokens).all()
+    # All of the zero pool's mass cancels but the null gene's: float32 cancellation, bounded.
+    torch.testing.assert_close(sparse_tokens, dense_tokens, atol=5e-3, rtol=1e-2)
+
+
+def test_gene_order_does_not_change_the_cell_embedding(model, tiny_config):
+    dense = random_cells(4, tiny_config.num_genes, seed=6)
+    with torch.no_grad():
+        ordered = model(**sparse_inputs(dense)).cell_embedding
+        shuffled = model(**sparse_inputs(dense, shuffle_seed=7)).cell_embedding
+    torch.testing.assert_close(ordered, shuffled, atol=1e-5, rtol=1e-4)
+
+
+def test_an_unmeasured_gene_changes_nothing(model, tiny_config):
+    dense = random_cells(3, tiny_config.num_genes, seed=8)
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    unmeasured_gene = 17
+    measured[unmeasured_gene] = False
+    with_value, without_value = dense.copy(), dense.copy()
+    with_value[:, unmeasured_gene] = 3.0
+    without_value[:, unmeasured_gene] = 0.0
+    with torch.no_grad():
+        a = model(**sparse_inputs(with_value), measured_gene_mask=measured).cell_embedding
+        b = model(**sparse_inputs(without_value), measured_gene_mask=measured).cell_embedding
+        tokens = model.embeddings(**sparse_inputs(without_value), measured_gene_mask=measured)
+        tokens_everything_measured = model.embeddings(
+            **sparse_inputs(without_value), measured_gene_mask=torch.ones_like(measured)
+        )
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # ...whereas the same gene, measured at zero, is part of the zero pool.
+    assert (tokens - tokens_everything_measured).abs().max() > 1e-5
+
+
+def test_sparse_path_equals_dense_path_on_real_cells(pbmc3k, pbmc3k_processor):
+    config_kwargs = {"num_genes": pbmc3k_processor.num_genes}
+    from modeling_scpalm import ScPaLMConfig
+
+    torch.manual_seed(0)
+    model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", **config_kwargs)).eval()
+    inputs = pbmc3k_processor(pbmc3k[:8])
+    cells, _ = pbmc3k_processor.transform(pbmc3k[:8].X, list(pbmc3k.var_names))
+    with torch.no_grad():
+        sparse_tokens = model.embeddings(
+            inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"], inputs["measured_gene_mask"]
+        )
+        dense_tokens = model.embeddings.forward_dense(torch.from_numpy(cells.toarray()), inputs["measured_gene_mask"])
+    torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-4, rtol=1e-3)

@@ -1,0 +1,242 @@
+"""The models: shapes of every head, save/reload and Auto round trips, stage-2 freezing, attention backends, bf16."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from modeling_scpalm import (
+    PRESETS,
+    ScPaLMConfig,
+    ScPaLMForCellClassification,
+    ScPaLMForCellPretraining,
+    ScPaLMForPathwayReconstruction,
+    ScPaLMModel,
+)
+
+from .conftest import random_cells, sparse_inputs
+
+BATCH = 4
+
+
+@pytest.fixture
+def inputs(tiny_config):
+    return sparse_inputs(random_cells(BATCH, tiny_config.num_genes, seed=11))
+
+
+def test_model_output_shapes(tiny_config, inputs):
+    output = ScPaLMModel(tiny_config).eval()(**inputs, output_hidden_states=True)
+    hidden, tokens = tiny_config.hidden_size, tiny_config.num_pathway_tokens
+    assert output.cell_embedding.shape == (BATCH, hidden)
+    assert output.last_hidden_state.shape == (BATCH, 1 + tokens, hidden)
+    assert output.pathway_codes.shape == (BATCH, tokens) and output.pathway_codes.dtype == torch.long
+    assert output.pathway_tokens.shape == output.pathway_hidden_states.shape == (BATCH, tokens, hidden)
+    # embedding output + every pathway-encoder layer, then cell-encoder input + every cell-encoder layer
+    assert len(output.hidden_states) == 2 * (tiny_config.num_hidden_layers + 1)
+    kept = torch.arange(5).expand(BATCH, -1)
+    assert ScPaLMModel(tiny_config)(**inputs, kept_token_indices=kept).last_hidden_state.shape == (BATCH, 6, hidden)
+
+
+def test_stage_one_output(tiny_config, inputs):
+    output = ScPaLMForPathwayReconstruction(tiny_config)(**inputs)
+    assert output.reconstruction.shape == (BATCH, tiny_config.num_genes)
+    assert output.loss.ndim == 0
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + output.commitment_loss)
+    assert 1.0 <= output.codebook_perplexity <= tiny_config.codebook_size
+    output.loss.backward()
+
+
+def test_stage_two_output_and_masks(tiny_config, inputs):
+    model = ScPaLMForCellPretraining(tiny_config).train()
+    kept = model.sample_kept_token_indices(BATCH)
+    assert kept.shape == (BATCH, tiny_config.num_kept_tokens)
+    assert (kept.diff(dim=1) > 0).all(), "kept indices are sorted and distinct"
+    output = model(**inputs, kept_token_indices=kept)
+    assert output.reconstruction.shape == (BATCH, tiny_config.num_genes)
+    assert output.cell_embedding.shape == (BATCH, tiny_config.hidden_size)
+    assert (output.masked_token_mask.sum(1) == tiny_config.num_pathway_tokens - tiny_config.num_kept_tokens).all()
+    assert not output.masked_token_mask.gather(1, kept).any()
+    torch.testing.assert_close(
+        output.loss, output.reconstruction_loss + tiny_config.contrastive_loss_weight * output.contrastive_loss
+    )
+    tiny_config.contrastive_loss_weight = 0.0
+    no_contrast = ScPaLMForCellPretraining(tiny_config)(**inputs)
+    assert no_contrast.contrastive_loss is None
+
+
+def test_stage_two_reconstructs_only_the_masked_tokens_genes(tiny_config, inputs):
+    model = ScPaLMForCellPretraining(tiny_config).eval()
+    kept = model.sample_kept_token_indices(BATCH)
+    output = model(**inputs, kept_token_indices=kept)
+    targets = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(
+        1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
+    )
+    genes_per_token = tiny_config.genes_per_token
+    masked = output.masked_token_mask.repeat_interleave(genes_per_token, 1)[:, : tiny_config.num_genes]
+    expected = ((output.reconstruction - targets) ** 2)[masked].mean()
+    torch.testing.assert_close(output.reconstruction_loss, expected)
+
+
+def test_classification_head(tiny_config, inputs):
+    tiny_config.num_labels = 3
+    model = ScPaLMForCellClassification(tiny_config)
+    labels = torch.tensor([0, 2, 1, 2])
+    output = model(**inputs, labels=labels)
+    assert output.logits.shape == (BATCH, 3)
+    torch.testing.assert_close(output.loss, torch.nn.functional.cross_entropy(output.logits, labels))
+
+
+def test_stage_two_training_leaves_stage_one_weights_unchanged(tiny_config, inputs, tmp_path):
+    stage_one = ScPaLMForPathwayReconstruction(tiny_config)
+    stage_one.save_pretrained(tmp_path)
+    model = ScPaLMForCellPretraining.from_pretrained(tmp_path)
+    frozen = {name: p.detach().clone() for name, p in model.scpalm.named_parameters() if not name.startswith("cell_encoder")}
+    frozen_buffers = {name: b.clone() for name, b in model.scpalm.named_buffers()}
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, before in frozen.items():
+        assert torch.equal(before, model.scpalm.get_parameter(name)), name
+    for name, before in frozen_buffers.items():
+        assert torch.equal(before, model.scpalm.get_buffer(name)), name
+    assert not any(name.startswith("scpalm.embeddings") for name in trainable)
+    assert any(not torch.equal(before, model.get_parameter(name)) for name, before in trainable.items())
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return model.eval()(**inputs)
+
+
+def test_save_and_reload_give_identical_outputs(tiny_config, inputs, tmp_path):
+    model = ScPaLMForPathwayReconstruction(tiny_config)
+    with torch.no_grad():
+        model.scpalm.embeddings.pool_norm.running_mean.normal_()  # buffers must round-trip too
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded, info = ScPaLMForPathwayReconstruction.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(_outputs(reloaded, inputs).reconstruction, _outputs(model, inputs).reconstruction)
+
+
+def test_auto_classes_load_a_saved_folder(tiny_config, inputs, tmp_path):
+    stage_two = ScPaLMForCellPretraining(tiny_config)
+    stage_two.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), ScPaLMConfig)
+    model = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(model, ScPaLMModel)
+    torch.testing.assert_close(
+        _outputs(model, inputs).cell_embedding, _outputs(stage_two.scpalm, inputs).cell_embedding
+    )
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
+    assert isinstance(classifier, ScPaLMForCellClassification)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_scpalm.ScPaLMModel"
+    for module in ("configuration_scpalm.py", "modeling_scpalm.py", "embedding_scpalm.py", "quantizer_scpalm.py"):
+        assert (tmp_path / module).exists(), module
+
+
+def test_trust_remote_code_without_the_package(tiny_config, inputs, tmp_path):
+    """The Hub path: a process that cannot import `modeling_scpalm` loads the folder's own code."""
+    model = ScPaLMForPathwayReconstruction(tiny_config)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    expected = _outputs(model.scpalm, inputs).cell_embedding
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_scpalm"] = None  # the package is not installed here
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            torch.save(model(**inputs).cell_embedding, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_sdpa_and_eager_attention_agree(tiny_config, inputs):
+    torch.manual_seed(0)
+    sdpa = ScPaLMModel(tiny_config).eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = ScPaLMModel(tiny_config)
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    torch.testing.assert_close(
+        _outputs(sdpa, inputs).cell_embedding, _outputs(eager, inputs).cell_embedding, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, inputs):
+    torch.manual_seed(0)
+    model = ScPaLMForPathwayReconstruction(tiny_config).eval()  # eval: no dead-code replacement between runs
+    model(**inputs).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model.train()
+    model.scpalm.quantizer.eval()
+    model.scpalm.embeddings.pool_norm.eval()
+    model(**inputs).loss.backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_forward_and_backward(tiny_config, inputs):
+    model = ScPaLMForCellPretraining(tiny_config).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**inputs)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_input_shape_errors_name_the_fix(tiny_config, inputs):
+    model = ScPaLMModel(tiny_config)
+    with pytest.raises(ValueError, match="must be \\(300,\\)"):
+        model(**inputs, measured_gene_mask=torch.ones(299, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shaped like `gene_ids`"):
+        model(inputs["gene_ids"], inputs["gene_values"][:, :-1])
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(inputs["gene_values"], inputs["gene_values"])
+
+
+def test_config_validation_names_the_fix():
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="divisible by `num_attention_heads`"):
+        ScPaLMConfig(hidden_size=100, num_attention_heads=8)
+    with pytest.raises(StrictDataclassError, match="token_keep_ratio"):
+        ScPaLMConfig(token_keep_ratio=1.0)
+    with pytest.raises(StrictDataclassError, match="exceeds `num_genes`"):
+        ScPaLMConfig(num_genes=10, num_pathway_tokens=32)
+    with pytest.raises(StrictDataclassError, match="expected int"):
+        ScPaLMConfig(hidden_size="768")
+    with pytest.raises(ValueError, match="Unknown preset"):
+        ScPaLMConfig.from_preset("huge")
+
+
+def test_paper_preset_is_table_four():
+    config = ScPaLMConfig.from_preset("paper")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 8)
+    assert (config.intermediate_size, config.num_pathway_tokens, config.codebook_size) == (3072, 256, 128)
+    assert config.num_genes == 60664 and set(PRESETS) == {"tiny", "small", "paper"}
+    with torch.device("meta"):
+        model = ScPaLMForCellPretraining(config)  # paper scale is configuration, not new code
+    assert sum(p.numel() for p in model.parameters()) > 300e6

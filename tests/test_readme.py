@@ -1,0 +1,14 @@
+"""The README's usage example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
+    block = re.search(r"## Use\n\n```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "(700, 64)"
+    assert (tmp_path / "scpalm-tiny" / "preprocessor_config.json").exists()
