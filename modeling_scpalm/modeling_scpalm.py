@@ -385,9 +385,6 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.gene_embeddings, std=1.0)
             init.normal_(module.null_gene, std=1.0)
             init.normal_(module.token_queries, std=std)
-            init.zeros_(module.pool_norm.running_mean)
-            init.ones_(module.pool_norm.running_var)
-            init.zeros_(module.pool_norm.num_batches_tracked)
         elif isinstance(module, ScPaLMVectorQuantizer):
             # Codes start on the scale of the LayerNorm-ed encoder output.
             init.normal_(module.codebook, std=1.0)

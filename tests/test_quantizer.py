@@ -9,6 +9,7 @@ from modeling_scpalm.quantizer_scpalm import ScPaLMVectorQuantizer
 
 @pytest.fixture
 def quantizer(tiny_config):
+    tiny_config.commitment_beta = 0.3  # both terms of eq. 1 at work
     torch.manual_seed(0)
     quantizer = ScPaLMVectorQuantizer(tiny_config)
     ScPaLMModel(tiny_config)._init_weights(quantizer)
