@@ -97,17 +97,19 @@ class ScPaLMEmbeddings(nn.Module):
         queries = self._queries().expand(batch, -1, -1, -1).to(keys.dtype)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :])
 
-    def _panel_pools(self, panels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per panel (panels, heads, N, head_dim): every measured gene expressed at x = 1, and every one at zero."""
-        gene_ids = torch.arange(self.num_genes, device=panels.device)
-        expressed = self._expressed_gene_vectors(gene_ids, torch.ones(self.num_genes, device=panels.device))
-        zero = self._zero_gene_vectors()
-        pools = []
-        for vectors in (expressed, zero):
-            keys, values = self._heads(self.key(vectors)), self._heads(self.value(vectors))
-            expand = (panels.shape[0], -1, -1, -1)
-            pools.append(self._attend(keys.expand(expand), values.expand(expand), panels))
-        return pools[0], pools[1]
+    def _vocabulary_keys_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values (heads, genes, head_dim) of every vocabulary gene at zero and expressed at x = 1."""
+        gene_ids = torch.arange(self.num_genes, device=self.gene_embeddings.device)
+        vectors = {
+            "zero": self._zero_gene_vectors(),
+            "reference": self._expressed_gene_vectors(gene_ids, torch.ones_like(gene_ids, dtype=self.gene_embeddings.dtype)),
+        }
+        return {name: (self._heads(self.key(v)), self._heads(self.value(v))) for name, v in vectors.items()}
+
+    def _panel_pool(self, keys_values: tuple[torch.Tensor, torch.Tensor], panels: torch.Tensor) -> torch.Tensor:
+        """(panels, heads, N, head_dim): a pool over each panel's measured genes."""
+        keys, values = (tensor.expand(panels.shape[0], -1, -1, -1) for tensor in keys_values)
+        return self._attend(keys, values, panels)
 
     def _tokens(self, expressed_deviation: torch.Tensor, zero_deviation: torch.Tensor) -> torch.Tensor:
         """RMS-normalise each head's centred pools, merge heads, fuse into the N tokens (line 8 of Algorithm 1)."""
@@ -143,12 +145,15 @@ class ScPaLMEmbeddings(nn.Module):
         expressed = attention_mask.bool() & panels[panel_of_cell[:, None], gene_ids] & (gene_values != 0)
         vectors = self._expressed_gene_vectors(gene_ids, gene_values)
         expressed_pool = self._attend(self._heads(self.key(vectors)), self._heads(self.value(vectors)), expressed)
-        zero_vectors = F.embedding(gene_ids, self._zero_gene_vectors())
-        zero_keys, zero_values = self._heads(self.key(zero_vectors)), self._heads(self.value(zero_vectors))
+        vocabulary = self._vocabulary_keys_values()
+        zero_keys, zero_values = (
+            self._heads(F.embedding(gene_ids, tensor.transpose(0, 1).flatten(1))) for tensor in vocabulary["zero"]
+        )
         # A cell with no expressed gene has the panel's zero pool, no deviation; its softmax is kept off an empty set.
         any_expressed = expressed.any(1)
         expressed_as_zero = self._attend(zero_keys, zero_values, expressed | ~any_expressed[:, None], null_gene=False)
-        reference_pool, panel_zero_pool = (pool[panel_of_cell] for pool in self._panel_pools(panels))
+        reference_pool = self._panel_pool(vocabulary["reference"], panels)[panel_of_cell]
+        panel_zero_pool = self._panel_pool(vocabulary["zero"], panels)[panel_of_cell]
         zero_deviation = torch.where(any_expressed[:, None, None, None], panel_zero_pool - expressed_as_zero, 0.0)
         return self._tokens(expressed_pool - reference_pool, zero_deviation)
 
@@ -173,7 +178,9 @@ class ScPaLMEmbeddings(nn.Module):
         keys, values = self._heads(self.key(vectors)), self._heads(self.value(vectors))
         expressed_pool = self._attend(keys, values, expressed)
         zero_pool = self._attend(keys, values, measured & ~expressed)
-        reference_pool, panel_zero_pool = (pool[panel_of_cell] for pool in self._panel_pools(panels))
+        vocabulary = self._vocabulary_keys_values()
+        reference_pool = self._panel_pool(vocabulary["reference"], panels)[panel_of_cell]
+        panel_zero_pool = self._panel_pool(vocabulary["zero"], panels)[panel_of_cell]
         return self._tokens(expressed_pool - reference_pool, zero_pool - panel_zero_pool)
 
 

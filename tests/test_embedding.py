@@ -123,3 +123,17 @@ def test_sparse_path_equals_dense_path_on_real_cells(pbmc3k, pbmc3k_processor):
         )
         dense_tokens = dense_reference(model.embeddings, cells.toarray(), inputs["measured_gene_mask"])
     torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-4, rtol=1e-3)
+
+
+def test_shuffled_gene_columns_give_the_same_embedding(pbmc3k, pbmc3k_processor):
+    """Permuting an AnnData's genes (names travel with their columns) changes nothing downstream of the processor."""
+    from modeling_scpalm import ScPaLMConfig
+
+    torch.manual_seed(0)
+    model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes)).eval()
+    cells = pbmc3k[:16]
+    shuffled = cells[:, np.random.default_rng(0).permutation(cells.n_vars)]
+    with torch.no_grad():
+        original = model(**pbmc3k_processor(cells)).cell_embedding
+        permuted = model(**pbmc3k_processor(shuffled)).cell_embedding
+    torch.testing.assert_close(original, permuted, atol=1e-5, rtol=1e-4)

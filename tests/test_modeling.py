@@ -18,6 +18,7 @@ from modeling_scpalm import (
     ScPaLMForPathwayReconstruction,
     ScPaLMModel,
 )
+from modeling_scpalm.modeling_scpalm import ScPaLMLayer
 
 from .conftest import random_cells, sparse_inputs
 
@@ -190,7 +191,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, inputs):
     model(**inputs).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.modules() if isinstance(layer, ScPaLMLayer))
     model.train()
     model.scpalm.quantizer.eval()
     model(**inputs).loss.backward()
