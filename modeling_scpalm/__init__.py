@@ -6,7 +6,9 @@ Importing the package registers it with the Auto classes: `AutoConfig`, `AutoMod
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification
 
+from .collator_scpalm import ScPaLMDataCollator
 from .configuration_scpalm import PRESETS, ScPaLMConfig
+from .data_scpalm import BuildReport, build_pretraining_dataset, load_gene_panels, load_pretraining_dataset
 from .modeling_scpalm import (
     ScPaLMForCellClassification,
     ScPaLMForCellClassificationOutput,
@@ -29,6 +31,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "BuildReport",
+    "ScPaLMDataCollator",
+    "build_pretraining_dataset",
+    "load_gene_panels",
+    "load_pretraining_dataset",
     "GeneMatch",
     "ScPaLMConfig",
     "ScPaLMForCellClassification",

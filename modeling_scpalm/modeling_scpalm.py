@@ -261,6 +261,18 @@ class ScPaLMGeneDecoder(nn.Module):
         return genes.flatten(1)[:, : self.num_genes] + self.gene_bias
 
 
+def sample_kept_token_indices(
+    batch_size: int,
+    num_tokens: int,
+    num_kept: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """(batch, num_kept) random pathway-token indices, sorted (section 3.3), drawn afresh for every cell."""
+    noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    return noise.argsort(dim=1)[:, :num_kept].sort(dim=1).values
+
+
 # -- pseudo-label contrastive loss ------------------------------------------------------------------------------------
 
 
@@ -611,9 +623,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         return self
 
     def sample_kept_token_indices(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        """(batch, N') random pathway-token indices, sorted, a fresh draw for every cell."""
-        noise = torch.rand(batch_size, self.config.num_pathway_tokens, device=device)
-        return noise.argsort(dim=1)[:, : self.config.num_kept_tokens].sort(dim=1).values
+        return sample_kept_token_indices(batch_size, self.config.num_pathway_tokens, self.config.num_kept_tokens, device=device)
 
     def forward(
         self,

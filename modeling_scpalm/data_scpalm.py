@@ -1,0 +1,206 @@
+"""From `.h5ad` files to one pretraining set over one gene vocabulary, stored as sharded Hugging Face `datasets`.
+
+Each file is read in backed mode, a chunk of cells at a time, so a corpus larger than memory is never loaded whole.
+A cell becomes its non-zero (vocabulary id, log-normalised value) pairs and the id of its file's gene panel (the
+vocabulary genes that file measured). Cells with no counts on the vocabulary's genes are dropped and counted. The
+panels are saved beside the data (`gene_panels.json`); `ScPaLMDataCollator` turns them back into per-cell masks.
+Data handling lives here, apart from the model files that ship to the Hub.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .processing_scpalm import GeneMatch, ScPaLMProcessor
+
+PANELS_FILE = "gene_panels.json"
+
+
+@dataclass
+class FileReport:
+    path: str
+    num_cells: int
+    num_dropped_cells: int
+    gene_match: GeneMatch
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: kept {self.num_cells - self.num_dropped_cells:,} of {self.num_cells:,} cells "
+            f"({self.num_dropped_cells:,} without counts on vocabulary genes dropped); {self.gene_match}"
+        )
+
+
+@dataclass
+class BuildReport:
+    files: list[FileReport] = field(default_factory=list)
+    num_train_cells: int = 0
+    num_eval_cells: int = 0
+
+    def __str__(self) -> str:
+        lines = [str(report) for report in self.files]
+        lines.append(f"{self.num_train_cells:,} training and {self.num_eval_cells:,} evaluation cells")
+        return "\n".join(lines)
+
+
+def build_pretraining_dataset(
+    train_files: list[str | Path],
+    output_dir: str | Path,
+    processor: ScPaLMProcessor | None = None,
+    eval_fraction: float = 0.05,
+    is_normalized: bool = False,
+    layer: str | None = None,
+    chunk_size: int = 10_000,
+    max_shard_size: str | int = "500MB",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[ScPaLMProcessor, BuildReport]:
+    """
+    Write `output_dir` (a `DatasetDict` with "train" and "eval" splits, plus `gene_panels.json` and the processor).
+
+    Args:
+        train_files: `.h5ad` files with raw counts in `X` (or `layers[layer]`), genes as `var_names` and optionally
+            Ensembl IDs in `var["gene_ids"]`; their gene panels may differ.
+        processor: the vocabulary to map onto; by default one is built from the union of the files' genes.
+        eval_fraction: share of cells (drawn at random with `seed`) held out for the evaluation loss.
+
+    Raises:
+        FileNotFoundError: a file does not exist. ValueError: `output_dir` already holds a dataset, or a file's
+            values are not counts (see `ScPaLMProcessor.transform`).
+    """
+    import anndata
+    import datasets
+
+    train_files = [Path(path) for path in train_files]
+    missing = [str(path) for path in train_files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Training file(s) not found: {', '.join(missing)}.")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ValueError(f"{output_dir} exists and is not empty: pick a new folder, or delete it first.")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction}.")
+
+    if processor is None:
+        processor = ScPaLMProcessor.from_anndata([anndata.read_h5ad(path, backed="r") for path in train_files])
+    build = _BuildState(processor, is_normalized, layer, chunk_size, progress)
+    features = datasets.Features(
+        {
+            "gene_ids": datasets.Sequence(datasets.Value("int32")),
+            "gene_values": datasets.Sequence(datasets.Value("float32")),
+            "panel": datasets.Value("int32"),
+        }
+    )
+    # One generator call per file (datasets shards the list arguments); `build` collects the reports and panels.
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _cell_records,
+            features=features,
+            cache_dir=str(output_dir / ".cache"),
+            gen_kwargs={"paths": [str(p) for p in train_files], "panel_ids": list(range(len(train_files))), "build": build},
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        _remove_tree(output_dir / ".cache")
+        # A file's bad values: our message, naming the file, rather than the library's generic wrapper.
+        if isinstance(error.__cause__, (ValueError, TypeError)):
+            raise error.__cause__ from None
+        raise
+    if eval_fraction > 0:
+        splits = dataset.train_test_split(test_size=eval_fraction, seed=seed)
+        dataset_dict = datasets.DatasetDict({"train": splits["train"], "eval": splits["test"]})
+    else:
+        dataset_dict = datasets.DatasetDict({"train": dataset})
+    dataset_dict.save_to_disk(str(output_dir / "cells"), max_shard_size=max_shard_size)
+    _remove_tree(output_dir / ".cache")
+    panels = [build.panels[panel_id] for panel_id in range(len(train_files))]
+    (output_dir / PANELS_FILE).write_text(json.dumps({"num_genes": processor.num_genes, "panels": panels}))
+    processor.save_pretrained(output_dir)
+    report = BuildReport(files=[build.reports[panel_id] for panel_id in range(len(train_files))])
+    report.num_train_cells = len(dataset_dict["train"])
+    report.num_eval_cells = len(dataset_dict["eval"]) if "eval" in dataset_dict else 0
+    return processor, report
+
+
+@dataclass
+class _BuildState:
+    processor: ScPaLMProcessor
+    is_normalized: bool
+    layer: str | None
+    chunk_size: int
+    progress: bool
+    reports: dict[int, FileReport] = field(default_factory=dict)
+    panels: dict[int, list[int]] = field(default_factory=dict)
+
+
+def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
+    """Yield each cell of the files as its non-zero (vocabulary id, value) pairs and its panel id."""
+    import anndata
+    from tqdm.auto import tqdm
+
+    processor = build.processor
+    for path, panel_id in zip(paths, panel_ids):
+        adata = anndata.read_h5ad(path, backed="r")
+        gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else None
+        match = processor.match_genes(adata.var_names, gene_ids)
+        matched_columns = match.vocabulary_index >= 0
+        report = build.reports[panel_id] = FileReport(path, adata.n_obs, 0, match)
+        build.panels[panel_id] = np.unique(match.vocabulary_index[matched_columns]).tolist()
+        source = adata.layers[build.layer] if build.layer else adata.X
+        for start in tqdm(range(0, adata.n_obs, build.chunk_size), desc=Path(path).name, disable=not build.progress):
+            matrix = _as_csr(source[start : start + build.chunk_size])
+            keep = np.asarray(matrix[:, matched_columns].sum(axis=1)).ravel() > 0
+            report.num_dropped_cells += int((~keep).sum())
+            if not keep.any():
+                continue
+            try:
+                cells, _ = processor.transform(matrix[keep], adata.var_names, gene_ids, is_normalized=build.is_normalized)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"{path}: {error}") from None
+            for row in range(cells.shape[0]):
+                begin, end = cells.indptr[row], cells.indptr[row + 1]
+                yield {
+                    "gene_ids": cells.indices[begin:end].astype(np.int32),
+                    "gene_values": cells.data[begin:end],
+                    "panel": panel_id,
+                }
+
+
+def load_pretraining_dataset(dataset_dir: str | Path, streaming: bool = False, num_shards: int = 8):
+    """The saved `DatasetDict`, memory-mapped (or as `IterableDataset`s when `streaming`), and its gene panels."""
+    import datasets
+
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / PANELS_FILE).is_file():
+        raise FileNotFoundError(f"{dataset_dir} holds no scPaLM dataset: build one with `build_pretraining_dataset`.")
+    dataset_dict = datasets.load_from_disk(str(dataset_dir / "cells"))
+    if streaming:
+        dataset_dict = datasets.IterableDatasetDict(
+            {name: split.to_iterable_dataset(num_shards=num_shards) for name, split in dataset_dict.items()}
+        )
+    return dataset_dict, load_gene_panels(dataset_dir)
+
+
+def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
+    """(panels, num_genes) bool: the vocabulary genes each source file measured."""
+    saved = json.loads((Path(dataset_dir) / PANELS_FILE).read_text())
+    panels = torch.zeros(len(saved["panels"]), saved["num_genes"], dtype=torch.bool)
+    for panel_id, gene_ids in enumerate(saved["panels"]):
+        panels[panel_id, gene_ids] = True
+    return panels
+
+
+def _as_csr(matrix):
+    import scipy.sparse as sp
+
+    return matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(np.asarray(matrix))
+
+
+def _remove_tree(path: Path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["build_pretraining_dataset", "load_pretraining_dataset", "load_gene_panels", "BuildReport"]

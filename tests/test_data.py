@@ -1,0 +1,147 @@
+"""h5ad files -> sharded on-disk dataset over one vocabulary; the collator's batches and stage-2 views."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_scpalm import (
+    ScPaLMConfig,
+    ScPaLMDataCollator,
+    ScPaLMProcessor,
+    build_pretraining_dataset,
+    load_pretraining_dataset,
+)
+
+from .conftest import data_file
+
+
+@pytest.fixture(scope="module")
+def two_panels(tmp_path_factory):
+    """pbmc3k (13,714 genes) and a CEL-seq2 cell-line set (28,204 genes): different panels, one with empty cells."""
+    import anndata as ad
+
+    folder = tmp_path_factory.mktemp("h5ad")
+    pbmc = ad.read_h5ad(data_file("scrna/pbmc3k_2638.h5ad"))[:300].copy()
+    import scipy.sparse as sp
+
+    pbmc.X = sp.diags((np.arange(pbmc.n_obs) >= 3).astype(np.int32)) @ pbmc.X  # three cells without counts
+    pbmc.X.eliminate_zeros()
+    pbmc.write_h5ad(folder / "pbmc.h5ad")
+    lines = ad.read_h5ad(data_file("scrna/mixology_sc_celseq2.h5ad"))[:100].copy()
+    lines.write_h5ad(folder / "lines.h5ad")
+    return folder / "pbmc.h5ad", folder / "lines.h5ad", pbmc, lines
+
+
+@pytest.fixture(scope="module")
+def built(two_panels, tmp_path_factory):
+    output = tmp_path_factory.mktemp("dataset") / "cells"
+    processor, report = build_pretraining_dataset(
+        [two_panels[0], two_panels[1]], output, eval_fraction=0.1, chunk_size=128, max_shard_size="200KB", progress=False
+    )
+    return output, processor, report
+
+
+def test_dataset_holds_every_cell_with_counts_over_one_vocabulary(two_panels, built):
+    _, _, pbmc, lines = two_panels
+    output, processor, report = built
+    assert report.files[0].num_dropped_cells == 3 and report.files[1].num_dropped_cells == 0
+    assert report.num_train_cells + report.num_eval_cells == 297 + 100
+    assert "3 without counts on vocabulary genes dropped" in str(report)
+    dataset, panels = load_pretraining_dataset(output)
+    assert len(list((output / "cells" / "train").glob("*.arrow"))) > 1, "sharded"
+    assert panels.shape == (2, processor.num_genes)
+    # The vocabulary is the union of both panels; each panel marks its own genes.
+    assert processor.num_genes >= max(pbmc.n_vars, lines.n_vars)
+    for panel, adata in zip(panels, (pbmc, lines)):
+        matched = processor.match_genes(adata.var_names, adata.var["gene_ids"].astype(str).tolist()).vocabulary_index
+        assert set(np.flatnonzero(panel.numpy())) == set(matched[matched >= 0].tolist())
+
+
+def test_rows_equal_the_processor_output(two_panels, built):
+    _, _, pbmc, _ = two_panels
+    output, processor, _ = built
+    dataset, _ = load_pretraining_dataset(output)
+    expected, _ = processor.transform(pbmc[3:].X, pbmc.var_names, pbmc.var["gene_ids"].astype(str).tolist())
+    expected_rows = {tuple(expected[i].indices): expected[i].data for i in range(expected.shape[0])}
+    pbmc_rows = [row for split in dataset.values() for row in split if row["panel"] == 0]
+    assert len(pbmc_rows) == 297
+    for row in pbmc_rows[:50]:
+        np.testing.assert_allclose(row["gene_values"], expected_rows[tuple(row["gene_ids"])], rtol=1e-6)
+
+
+def test_streaming_read(built):
+    dataset, _ = load_pretraining_dataset(built[0], streaming=True, num_shards=2)
+    first = next(iter(dataset["train"]))
+    assert set(first) == {"gene_ids", "gene_values", "panel"}
+
+
+def test_bad_inputs_stop_before_any_work(tmp_path, built):
+    with pytest.raises(FileNotFoundError, match="not found: .*missing.h5ad"):
+        build_pretraining_dataset([tmp_path / "missing.h5ad"], tmp_path / "out")
+    with pytest.raises(ValueError, match="not empty"):
+        build_pretraining_dataset([data_file("scrna/pbmc3k_2638.h5ad")], built[0])
+    with pytest.raises(FileNotFoundError, match="holds no scPaLM dataset"):
+        load_pretraining_dataset(tmp_path)
+
+
+def test_normalised_values_are_refused_as_counts(tmp_path):
+    import anndata as ad
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced().raw.to_adata()
+    path = tmp_path / "normalised.h5ad"
+    ad.AnnData(adata.X, var=adata.var).write_h5ad(path)
+    with pytest.raises(ValueError, match="normalised.h5ad: .*non-integer values"):
+        build_pretraining_dataset([path], tmp_path / "out", progress=False)
+    assert not any((tmp_path / "out").iterdir()), "nothing half-written is left behind"
+
+
+FEATURES = [
+    {"gene_ids": [4, 1, 7], "gene_values": [1.0, 2.0, 3.0], "panel": 0},
+    {"gene_ids": [2], "gene_values": [0.5], "panel": 1},
+]
+PANELS = torch.tensor([[True] * 8, [True, True, True, False, False, False, False, False]])
+
+
+def test_collator_pads_and_masks():
+    batch = ScPaLMDataCollator(PANELS)(FEATURES)
+    assert batch["gene_ids"].tolist() == [[4, 1, 7], [2, 0, 0]]
+    assert batch["gene_values"].tolist() == [[1.0, 2.0, 3.0], [0.5, 0.0, 0.0]]
+    assert batch["attention_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert torch.equal(batch["measured_gene_mask"], PANELS)
+    assert "kept_token_indices" not in batch
+    one_panel = ScPaLMDataCollator(PANELS)([FEATURES[0], FEATURES[0]])
+    assert one_panel["measured_gene_mask"].shape == (8,)
+
+
+def test_collator_draws_two_independent_sorted_views_reproducibly():
+    config = ScPaLMConfig.from_preset("tiny", num_genes=8, num_pathway_tokens=8)
+    collator = ScPaLMDataCollator.for_stage(config, PANELS, stage=2, seed=3)
+    batch = collator(FEATURES * 8)
+    for view in ("kept_token_indices", "contrastive_kept_token_indices"):
+        assert batch[view].shape == (16, config.num_kept_tokens)
+        assert (batch[view].diff(dim=1) > 0).all()
+    assert not torch.equal(batch["kept_token_indices"], batch["contrastive_kept_token_indices"])
+    again = ScPaLMDataCollator.for_stage(config, PANELS, stage=2, seed=3)(FEATURES * 8)
+    assert torch.equal(again["kept_token_indices"], batch["kept_token_indices"])
+
+
+def test_collator_validates_its_arguments():
+    with pytest.raises(ValueError, match="bool tensor"):
+        ScPaLMDataCollator(PANELS.float())
+    with pytest.raises(ValueError, match="mask at least one"):
+        ScPaLMDataCollator(PANELS, num_pathway_tokens=8, num_kept_tokens=8)
+    with pytest.raises(ValueError, match="outside the 2 known panels"):
+        ScPaLMDataCollator(PANELS)([{"gene_ids": [1], "gene_values": [1.0], "panel": 5}])
+
+
+def test_collated_batches_feed_both_pretraining_heads(built):
+    from modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
+
+    output, processor, _ = built
+    dataset, panels = load_pretraining_dataset(output)
+    config = ScPaLMConfig.from_preset("tiny", num_genes=processor.num_genes)
+    rows = [dataset["train"][i] for i in range(0, 200, 10)]
+    assert len({row["panel"] for row in rows}) == 2, "a batch that mixes panels"
+    ScPaLMForPathwayReconstruction(config)(**ScPaLMDataCollator.for_stage(config, panels, stage=1)(rows)).loss.backward()
+    ScPaLMForCellPretraining(config)(**ScPaLMDataCollator.for_stage(config, panels, stage=2)(rows)).loss.backward()
