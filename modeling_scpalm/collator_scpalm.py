@@ -1,6 +1,6 @@
 """Batches sparse cells for scPaLM and draws stage 2's pathway-token views."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,18 +17,22 @@ class ScPaLMDataCollator:
     cell, the sorted indices of the pathway tokens the cell encoder keeps (`kept_token_indices`) and an independent
     second view for the contrastive loss (`contrastive_kept_token_indices`). Features may carry `labels`.
 
+    With a `seed`, a cell's views are a function of (seed, epoch, `cell_index`) alone, so they do not depend on
+    DataLoader workers, processes, or a run's restart from a checkpoint; the training loop calls `set_epoch`.
+
     Args:
         gene_panels (`torch.BoolTensor` of shape `(panels, num_genes)`): the measured genes of each panel.
         num_pathway_tokens (`int`, *optional*): N; needed with `num_kept_tokens`.
         num_kept_tokens (`int`, *optional*): N', how many tokens each view keeps; None for stage 1 and fine-tuning.
-        seed (`int`, *optional*): seeds the views (per DataLoader worker); None draws from torch's global generator.
+        seed (`int`, *optional*): seeds the views (features then need `cell_index`); None draws from torch's global
+            generator.
     """
 
     gene_panels: torch.Tensor
     num_pathway_tokens: int | None = None
     num_kept_tokens: int | None = None
     seed: int | None = None
-    _generators: dict = field(default_factory=dict, init=False, repr=False)
+    epoch: int = 0
 
     @classmethod
     def for_stage(cls, config: ScPaLMConfig, gene_panels: torch.Tensor, stage: int, seed: int | None = None):
@@ -78,21 +82,25 @@ class ScPaLMDataCollator:
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([feature["labels"] for feature in features])
         if self.num_kept_tokens is not None:
-            for view in ("kept_token_indices", "contrastive_kept_token_indices"):
-                batch[view] = sample_kept_token_indices(
-                    len(features), self.num_pathway_tokens, self.num_kept_tokens, generator=self._generator()
-                )
+            batch["kept_token_indices"], batch["contrastive_kept_token_indices"] = self._draw_views(features)
         return batch
 
-    def _generator(self) -> torch.Generator | None:
-        """A generator per DataLoader worker (each worker holds a copy of the collator: one seed would repeat)."""
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _draw_views(self, features: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.seed is None:
-            return None
-        worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else -1
-        if worker_id not in self._generators:
-            self._generators[worker_id] = torch.Generator().manual_seed(self.seed * 1_000_003 + worker_id + 1)
-        return self._generators[worker_id]
+            return tuple(
+                sample_kept_token_indices(len(features), self.num_pathway_tokens, self.num_kept_tokens) for _ in range(2)
+            )
+        if "cell_index" not in features[0]:
+            raise ValueError("A seeded stage-2 collator needs each feature's `cell_index` (build_pretraining_dataset writes it).")
+        views = []
+        for feature in features:
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(feature["cell_index"]))) % 2**63)
+            views.append(sample_kept_token_indices(2, self.num_pathway_tokens, self.num_kept_tokens, generator=generator))
+        views = torch.stack(views)  # (batch, 2 views, kept)
+        return views[:, 0], views[:, 1]
 
 
 __all__ = ["ScPaLMDataCollator"]

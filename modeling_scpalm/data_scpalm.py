@@ -1,8 +1,8 @@
 """From `.h5ad` files to one pretraining set over one gene vocabulary, stored as sharded Hugging Face `datasets`.
 
 Each file is read in backed mode, a chunk of cells at a time, so a corpus larger than memory is never loaded whole.
-A cell becomes its non-zero (vocabulary id, log-normalised value) pairs and the id of its file's gene panel (the
-vocabulary genes that file measured). Cells with no counts on the vocabulary's genes are dropped and counted. The
+A cell becomes its non-zero (vocabulary id, log-normalised value) pairs, the id of its file's gene panel (the
+vocabulary genes that file measured) and a `cell_index` that seeds its stage-2 views. Cells with no counts on the vocabulary's genes are dropped and counted. The
 panels are saved beside the data (`gene_panels.json`); `ScPaLMDataCollator` turns them back into per-cell masks.
 Data handling lives here, apart from the model files that ship to the Hub.
 """
@@ -91,6 +91,7 @@ def build_pretraining_dataset(
             "gene_ids": datasets.Sequence(datasets.Value("int32")),
             "gene_values": datasets.Sequence(datasets.Value("float32")),
             "panel": datasets.Value("int32"),
+            "cell_index": datasets.Value("int64"),
         }
     )
     # One generator call per file (datasets shards the list arguments); `build` collects the reports and panels.
@@ -132,6 +133,7 @@ class _BuildState:
     progress: bool
     reports: dict[int, FileReport] = field(default_factory=dict)
     panels: dict[int, list[int]] = field(default_factory=dict)
+    cells_per_file: dict[int, int] = field(default_factory=dict)
 
 
 def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
@@ -146,6 +148,7 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
         match = processor.match_genes(adata.var_names, gene_ids)
         matched_columns = match.vocabulary_index >= 0
         report = build.reports[panel_id] = FileReport(path, adata.n_obs, 0, match)
+        first_cell = sum(build.cells_per_file.values())
         build.panels[panel_id] = np.unique(match.vocabulary_index[matched_columns]).tolist()
         source = adata.layers[build.layer] if build.layer else adata.X
         for start in tqdm(range(0, adata.n_obs, build.chunk_size), desc=Path(path).name, disable=not build.progress):
@@ -164,7 +167,9 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
                     "gene_ids": cells.indices[begin:end].astype(np.int32),
                     "gene_values": cells.data[begin:end],
                     "panel": panel_id,
+                    "cell_index": first_cell + build.cells_per_file.get(panel_id, 0),
                 }
+                build.cells_per_file[panel_id] = build.cells_per_file.get(panel_id, 0) + 1
 
 
 def load_pretraining_dataset(dataset_dir: str | Path, streaming: bool = False, num_shards: int = 8):

@@ -72,7 +72,7 @@ def test_rows_equal_the_processor_output(two_panels, built):
 def test_streaming_read(built):
     dataset, _ = load_pretraining_dataset(built[0], streaming=True, num_shards=2)
     first = next(iter(dataset["train"]))
-    assert set(first) == {"gene_ids", "gene_values", "panel"}
+    assert set(first) == {"gene_ids", "gene_values", "panel", "cell_index"}
 
 
 def test_bad_inputs_stop_before_any_work(tmp_path, built):
@@ -97,8 +97,8 @@ def test_normalised_values_are_refused_as_counts(tmp_path):
 
 
 FEATURES = [
-    {"gene_ids": [4, 1, 7], "gene_values": [1.0, 2.0, 3.0], "panel": 0},
-    {"gene_ids": [2], "gene_values": [0.5], "panel": 1},
+    {"gene_ids": [4, 1, 7], "gene_values": [1.0, 2.0, 3.0], "panel": 0, "cell_index": 0},
+    {"gene_ids": [2], "gene_values": [0.5], "panel": 1, "cell_index": 1},
 ]
 PANELS = torch.tensor([[True] * 8, [True, True, True, False, False, False, False, False]])
 
@@ -117,13 +117,17 @@ def test_collator_pads_and_masks():
 def test_collator_draws_two_independent_sorted_views_reproducibly():
     config = ScPaLMConfig.from_preset("tiny", num_genes=8, num_pathway_tokens=8)
     collator = ScPaLMDataCollator.for_stage(config, PANELS, stage=2, seed=3)
-    batch = collator(FEATURES * 8)
+    features = [{**FEATURES[i % 2], "cell_index": i} for i in range(16)]
+    batch = collator(features)
     for view in ("kept_token_indices", "contrastive_kept_token_indices"):
         assert batch[view].shape == (16, config.num_kept_tokens)
         assert (batch[view].diff(dim=1) > 0).all()
     assert not torch.equal(batch["kept_token_indices"], batch["contrastive_kept_token_indices"])
-    again = ScPaLMDataCollator.for_stage(config, PANELS, stage=2, seed=3)(FEATURES * 8)
-    assert torch.equal(again["kept_token_indices"], batch["kept_token_indices"])
+    # A cell's views depend on (seed, epoch, cell) only: not on its batch, its position, or earlier draws.
+    reordered = collator(features[::-1] + features[:3])
+    assert torch.equal(reordered["kept_token_indices"][:16].flip(0), batch["kept_token_indices"])
+    collator.set_epoch(1)
+    assert not torch.equal(collator(features)["kept_token_indices"], batch["kept_token_indices"])
 
 
 def test_collator_validates_its_arguments():

@@ -1,0 +1,266 @@
+"""Pretrain scPaLM: stage 1 (pathway reconstruction), then stage 2 (cell aggregation) from the stage-1 weights.
+
+Runs on one CPU, several processes or several GPUs:
+
+    python training/pretrain.py --train_file a.h5ad --train_file b.h5ad --output_dir runs/tiny --preset tiny
+    accelerate launch training/pretrain.py ...                  # GPUs
+    accelerate launch --multi_gpu --num_processes 2 training/pretrain.py ...   # two CPU processes (gloo), or torchrun
+
+The h5ad files become a sharded on-disk dataset under `output_dir/dataset` (or pass `--dataset_dir` to reuse one).
+Each stage writes `output_dir/stage_<n>/` (model, processor, `log.jsonl`) and checkpoints under
+`output_dir/checkpoints/stage_<n>/step_<k>`; `--resume_from_checkpoint latest` continues a killed run exactly.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGE_LEARNING_RATES = {1: 1e-3, 2: 5e-4}  # section 4.1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
+    data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
+    data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
+    data.add_argument("--eval_fraction", type=float, default=0.05)
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", help="tiny, small or paper")
+    model.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    model.add_argument("--stage_one_model", help="with --stage 2: the stage-1 folder to start from")
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", required=True)
+    training.add_argument("--per_device_batch_size", type=int, default=128)
+    training.add_argument("--learning_rate", type=float, help="default: 1e-3 for stage 1, 5e-4 for stage 2")
+    training.add_argument("--weight_decay", type=float, default=0.01)
+    training.add_argument("--warmup_ratio", type=float, default=0.05)
+    training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
+    training.add_argument("--num_epochs", type=float, default=1.0, help="epochs per stage")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--max_grad_norm", type=float, default=1.0)
+    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    training.add_argument("--eval_steps", type=int, default=500)
+    training.add_argument("--checkpointing_steps", type=int, default=500)
+    training.add_argument("--logging_steps", type=int, default=10)
+    training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
+    training.add_argument("--num_workers", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if bool(args.train_file) == bool(args.dataset_dir):
+        parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
+    if args.stage == "2" and not args.stage_one_model:
+        parser.error("--stage 2 needs --stage_one_model, the folder stage 1 wrote")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.resume_from_checkpoint:
+        parser.error(f"{output_dir} exists and is not empty: choose a new --output_dir, or --resume_from_checkpoint")
+    return args
+
+
+def main(argv=None):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    args = parse_args(argv)
+    # Launched as several processes without CUDA, accelerate treats each process as alone unless asked for CPU
+    # mode (then it joins them with gloo): ask, so `accelerate launch --multi_gpu` and torchrun just work on CPUs.
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=several_cpu_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # Each epoch's order is a function of the seed and the epoch, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    accelerator.print(accelerator.state)
+    output_dir = Path(args.output_dir)
+    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else output_dir / "dataset"
+    if args.train_file and accelerator.is_main_process and not dataset_dir.exists():
+        from .data_scpalm import build_pretraining_dataset
+
+        _, report = build_pretraining_dataset(
+            args.train_file, dataset_dir, eval_fraction=args.eval_fraction, layer=args.layer, seed=args.seed
+        )
+        accelerator.print(report)
+    accelerator.wait_for_everyone()
+
+    from .data_scpalm import load_pretraining_dataset
+    from .processing_scpalm import ScPaLMProcessor
+
+    dataset, panels = load_pretraining_dataset(dataset_dir)
+    processor = ScPaLMProcessor.from_pretrained(dataset_dir)
+    mean_expression = _mean_expression(dataset["train"], processor.num_genes)
+    stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
+    previous = Path(args.stage_one_model) if args.stage_one_model else None
+    for stage in stages:
+        previous = run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, previous)
+    accelerator.print(f"Done: {previous}")
+    return previous
+
+
+def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, stage_one_dir):
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from .collator_scpalm import ScPaLMDataCollator
+    from .configuration_scpalm import ScPaLMConfig
+    from .modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
+
+    output_dir = Path(args.output_dir)
+    stage_dir = output_dir / f"stage_{stage}"
+    if args.resume_from_checkpoint and (stage_dir / "config.json").exists():
+        accelerator.print(f"Stage {stage} finished before the run stopped: {stage_dir}")
+        return stage_dir
+    # A stage's initialisation and data order depend on the seed alone, not on whether the stage before it ran in
+    # this process: a run resumed in stage 2 builds what the unbroken run built.
+    set_seed(args.seed + stage)
+    if stage == 1:
+        model = ScPaLMForPathwayReconstruction(ScPaLMConfig.from_preset(args.preset, num_genes=processor.num_genes))
+        model.decoder.initialize_gene_bias(mean_expression)
+    else:
+        model = ScPaLMForCellPretraining.from_pretrained(stage_one_dir)
+        model.cell_decoder.initialize_gene_bias(mean_expression)
+    collator = ScPaLMDataCollator.for_stage(model.config, panels, stage, seed=args.seed)
+    loader_options = {"batch_size": args.per_device_batch_size, "collate_fn": collator, "num_workers": args.num_workers}
+    train_loader = DataLoader(dataset["train"], shuffle=True, drop_last=True, **loader_options)
+    eval_loader = DataLoader(dataset["eval"], **loader_options) if "eval" in dataset else None
+
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or math.ceil(args.num_epochs * steps_per_epoch)
+    decay, no_decay = [], []
+    for parameter in (p for p in model.parameters() if p.requires_grad):
+        (decay if parameter.dim() > 1 else no_decay).append(parameter)
+    learning_rate = args.learning_rate or STAGE_LEARNING_RATES[stage]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+    )
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=int(args.warmup_ratio * max_steps), num_training_steps=max_steps
+    )
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    checkpoints = output_dir / "checkpoints" / f"stage_{stage}"
+    completed_steps = 0
+    resume = _checkpoint_to_resume(args.resume_from_checkpoint, checkpoints)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        completed_steps = int(re.search(r"step_(\d+)$", resume.name).group(1))
+        accelerator.print(f"Resumed stage {stage} from {resume} at step {completed_steps}")
+    log_file = stage_dir / "log.jsonl"
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=max_steps, initial=completed_steps, desc=f"stage {stage}", disable=not accelerator.is_local_main_process)
+    model.train()
+    epoch = completed_steps // steps_per_epoch
+    while completed_steps < max_steps:
+        train_loader.set_epoch(epoch)
+        collator.set_epoch(epoch)
+        batches = train_loader
+        if resume is not None and epoch == completed_steps // steps_per_epoch:
+            skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(train_loader, skip)
+        for micro_step, batch in enumerate(batches, start=completed_steps * args.gradient_accumulation_steps):
+            # The model's own draws (code replacement, negatives) depend on the step alone, not on what the RNG saw
+            # before (data loaders draw from it too): a resumed run repeats the unbroken one exactly.
+            torch.manual_seed(hash((args.seed, stage, micro_step)) % 2**63)
+            with accelerator.accumulate(model):
+                output = model(**batch)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
+                record = {"step": completed_steps, "lr": scheduler.get_last_lr()[0], **_loss_parts(output)}
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                _append_log(accelerator, log_file, record)
+            if eval_loader is not None and (completed_steps % args.eval_steps == 0 or completed_steps == max_steps):
+                _append_log(accelerator, log_file, {"step": completed_steps, "eval_loss": evaluate(model, eval_loader, accelerator)})
+            if completed_steps % args.checkpointing_steps == 0 and completed_steps < max_steps:
+                accelerator.save_state(str(checkpoints / f"step_{completed_steps}"))
+            if completed_steps >= max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    _check_processes_agree(accelerator, model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(stage_dir)
+        processor.save_pretrained(stage_dir)
+    accelerator.wait_for_everyone()
+    # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
+    accelerator.free_memory()
+    return stage_dir
+
+
+@torch.no_grad()
+def _check_processes_agree(accelerator, model):
+    """Every process must hold the same weights and buffers (the k-means queue and the codebook included)."""
+    accelerator.wait_for_everyone()
+    state = accelerator.unwrap_model(model).state_dict()
+    checksum = torch.stack([tensor.double().sum() for tensor in state.values()]).to(accelerator.device)
+    gathered = accelerator.gather(checksum[None])
+    if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+        raise RuntimeError("The processes' models diverged: their weights or buffers differ after training.")
+
+
+@torch.no_grad()
+def evaluate(model, eval_loader, accelerator) -> float:
+    model.eval()
+    losses = []
+    for batch in eval_loader:
+        losses.append(accelerator.gather_for_metrics(model(**batch).loss.detach()[None]))
+    model.train()
+    return torch.cat(losses).mean().item()
+
+
+def _loss_parts(output) -> dict[str, float]:
+    names = ("loss", "reconstruction_loss", "commitment_loss", "contrastive_loss", "codebook_perplexity", "num_dead_codes")
+    return {name: float(getattr(output, name)) for name in names if getattr(output, name, None) is not None}
+
+
+def _append_log(accelerator, log_file: Path, record: dict):
+    if accelerator.is_main_process:
+        with log_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | None:
+    if requested is None:
+        return None
+    if requested != "latest":
+        path = Path(requested)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder.")
+        return path if path.parent == checkpoints else None
+    saved = sorted(checkpoints.glob("step_*"), key=lambda path: int(path.name.split("_")[1]))
+    return saved[-1] if saved else None
+
+
+def _mean_expression(train, num_genes: int) -> torch.Tensor:
+    """Each vocabulary gene's mean log-normalised value over the training cells, in one pass over the data."""
+    totals = np.zeros(num_genes)
+    for batch in train.with_format("numpy").iter(batch_size=10_000):
+        totals += np.bincount(np.concatenate(batch["gene_ids"]), np.concatenate(batch["gene_values"]), num_genes)
+    return torch.from_numpy(totals / max(len(train), 1)).float()
+
+
+if __name__ == "__main__":
+    main()
