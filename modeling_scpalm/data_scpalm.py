@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .processing_scpalm import GeneMatch, ScPaLMProcessor
+from .processing_scpalm import GeneMatch, ScPaLMProcessor, anndata_gene_ids
 
 PANELS_FILE = "gene_panels.json"
 
@@ -144,7 +144,7 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
     processor = build.processor
     for path, panel_id in zip(paths, panel_ids):
         adata = anndata.read_h5ad(path, backed="r")
-        gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else None
+        gene_ids = anndata_gene_ids(adata)
         match = processor.match_genes(adata.var_names, gene_ids)
         matched_columns = match.vocabulary_index >= 0
         report = build.reports[panel_id] = FileReport(path, adata.n_obs, 0, match)

@@ -233,7 +233,7 @@ def evaluate(model, eval_loader, accelerator) -> float:
 
 def _loss_parts(output) -> dict[str, float]:
     names = ("loss", "reconstruction_loss", "commitment_loss", "contrastive_loss", "codebook_perplexity", "num_dead_codes")
-    return {name: float(getattr(output, name)) for name in names if getattr(output, name, None) is not None}
+    return {name: float(getattr(output, name).detach()) for name in names if getattr(output, name, None) is not None}
 
 
 def _append_log(accelerator, log_file: Path, record: dict):

@@ -30,6 +30,11 @@ def gene_key(name: str) -> str:
     return (ensembl.group(1) if ensembl else name).upper()
 
 
+def anndata_gene_ids(adata, column: str = "gene_ids") -> list[str] | None:
+    """An AnnData's per-gene IDs (Ensembl, usually) from `var[column]`, if it has that column."""
+    return adata.var[column].astype(str).tolist() if column in adata.var else None
+
+
 @dataclass
 class GeneMatch:
     """How the input genes map onto the vocabulary."""
@@ -102,7 +107,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
         adatas = adatas if isinstance(adatas, (list, tuple)) else [adatas]
         vocabulary: dict[str, tuple[str, str]] = {}
         for adata in adatas:
-            ids = adata.var[gene_id_column].astype(str) if gene_id_column in adata.var else [""] * adata.n_vars
+            ids = anndata_gene_ids(adata, gene_id_column) or [""] * adata.n_vars
             for name, gene_id in zip(adata.var_names, ids):
                 key = gene_key(gene_id) if gene_id and gene_id != "nan" else gene_key(name)
                 known = vocabulary.get(key)
@@ -238,8 +243,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
         """
         if hasattr(data, "var_names") and hasattr(data, "obs_names"):  # AnnData, without importing anndata
             gene_names = list(data.var_names)
-            if gene_id_column in data.var:
-                gene_ids = data.var[gene_id_column].astype(str).tolist()
+            gene_ids = anndata_gene_ids(data, gene_id_column)
             data = data.layers[layer] if layer is not None else data.X
         elif layer is not None:
             raise ValueError("`layer` applies to AnnData input only.")
@@ -285,4 +289,4 @@ def _check_nonempty(empty: np.ndarray, what: str):
         )
 
 
-__all__ = ["ScPaLMProcessor", "GeneMatch", "gene_key"]
+__all__ = ["ScPaLMProcessor", "GeneMatch", "anndata_gene_ids", "gene_key"]

@@ -24,7 +24,7 @@ def two_panels(tmp_path_factory):
     pbmc = ad.read_h5ad(data_file("scrna/pbmc3k_2638.h5ad"))[:300].copy()
     import scipy.sparse as sp
 
-    pbmc.X = sp.diags((np.arange(pbmc.n_obs) >= 3).astype(np.int32)) @ pbmc.X  # three cells without counts
+    pbmc.X = sp.diags((np.arange(pbmc.n_obs) >= 3).astype(np.int32), dtype=np.int32) @ pbmc.X  # three empty cells
     pbmc.X.eliminate_zeros()
     pbmc.write_h5ad(folder / "pbmc.h5ad")
     lines = ad.read_h5ad(data_file("scrna/mixology_sc_celseq2.h5ad"))[:100].copy()

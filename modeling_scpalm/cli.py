@@ -1,0 +1,82 @@
+"""The `scpalm` command: `scpalm pretrain ...` (as training/pretrain.py) and `scpalm embed ...`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def embed_anndata(model, processor, adata, batch_size: int = 256, is_normalized: bool = False, layer: str | None = None,
+                  progress: bool = True) -> np.ndarray:
+    """(cells, hidden) cell embeddings h_C, computed in batches of cells with similar numbers of non-zero genes."""
+    from tqdm.auto import tqdm
+
+    from .processing_scpalm import anndata_gene_ids
+
+    gene_ids = anndata_gene_ids(adata)
+    cells, measured = processor.transform(adata.layers[layer] if layer else adata.X, adata.var_names, gene_ids, is_normalized)
+    # Cells sorted by their non-zero count share a batch with cells of similar length: little padding.
+    order = np.argsort(np.diff(cells.indptr), kind="stable")
+    device = next(model.parameters()).device
+    measured = torch.from_numpy(measured).to(device)
+    embeddings = np.empty((cells.shape[0], model.config.hidden_size), dtype=np.float32)
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, unit="batch"):
+            rows = order[start : start + batch_size]
+            inputs = {name: tensor.to(device) for name, tensor in processor.pad(cells[rows]).items()}
+            embeddings[rows] = model(**inputs, measured_gene_mask=measured).cell_embedding.float().cpu().numpy()
+    return embeddings
+
+
+def embed(argv=None):
+    parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].")
+    parser.add_argument("--model", required=True, help="a folder written by pretraining (model and processor)")
+    parser.add_argument("--input", required=True, help=".h5ad with raw counts in X (or --layer)")
+    parser.add_argument("--output", required=True, help="the .h5ad to write: the input plus obsm['X_scpalm']")
+    parser.add_argument("--layer", help="take counts from this layer instead of X")
+    parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--key", default="X_scpalm", help="the obsm key")
+    args = parser.parse_args(argv)
+    model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "preprocessor_config.json").is_file():
+        parser.error(f"{model_dir} is not a saved scPaLM model: it needs config.json and preprocessor_config.json")
+    if not input_path.is_file():
+        parser.error(f"{input_path}: no such file")
+    if output_path.exists():
+        parser.error(f"{output_path} exists: choose another --output (nothing is overwritten)")
+
+    import anndata
+    from transformers import AutoModel
+
+    from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
+
+    adata = anndata.read_h5ad(input_path)
+    model = AutoModel.from_pretrained(model_dir).to(args.device)
+    processor = ScPaLMProcessor.from_pretrained(model_dir)
+    print(f"scPaLM: {processor.match_genes(adata.var_names, anndata_gene_ids(adata))}")
+    adata.obsm[args.key] = embed_anndata(model, processor, adata, args.batch_size, args.is_normalized, args.layer)
+    adata.write_h5ad(output_path)
+    print(f"Wrote {adata.n_obs:,} embeddings of size {adata.obsm[args.key].shape[1]} to {output_path} (obsm['{args.key}'])")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"pretrain": "pretrain scPaLM (both stages); see `scpalm pretrain --help`", "embed": "embed an .h5ad"}
+    if not argv or argv[0] not in commands:
+        print("usage: scpalm {pretrain,embed} ...\n" + "\n".join(f"  {name:10s}{text}" for name, text in commands.items()))
+        raise SystemExit(2)
+    if argv[0] == "pretrain":
+        from .pretraining import main as pretrain
+
+        pretrain(argv[1:])
+    else:
+        embed(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The `scpalm` command line: `embed` writes obsm['X_scpalm'] and keeps the rest; bad arguments stop early."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+from modeling_scpalm.cli import main
+
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, pbmc3k_processor):
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes))
+    model.save_pretrained(folder)
+    pbmc3k_processor.save_pretrained(folder)
+    return folder, model.eval()
+
+
+@pytest.fixture(scope="module")
+def cells_file(tmp_path_factory, pbmc3k):
+    path = tmp_path_factory.mktemp("input") / "cells.h5ad"
+    cells = pbmc3k[:200].copy()
+    cells.layers["counts_copy"] = cells.X.copy()
+    cells.write_h5ad(path)
+    return path, cells
+
+
+def test_embed_writes_the_embeddings_and_keeps_everything_else(saved_model, cells_file, pbmc3k_processor, tmp_path):
+    import anndata as ad
+
+    folder, model = saved_model
+    path, cells = cells_file
+    main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / "out.h5ad"), "--batch_size", "64"])
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.obsm["X_scpalm"].shape == (200, model.config.hidden_size)
+    assert (written.X != cells.X).nnz == 0 and "counts_copy" in written.layers
+    assert written.obs.equals(cells.obs) and list(written.var_names) == list(cells.var_names)
+    # Sorting cells by length into batches and back changes nothing: the same as one batch in input order.
+    with torch.no_grad():
+        expected = model(**pbmc3k_processor(cells)).cell_embedding.numpy()
+    np.testing.assert_allclose(written.obsm["X_scpalm"], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_file, tmp_path):
+    import anndata as ad
+
+    folder, _ = saved_model
+    path, cells = cells_file
+    shuffled_path = tmp_path / "shuffled.h5ad"
+    cells[:, np.random.default_rng(1).permutation(cells.n_vars)].copy().write_h5ad(shuffled_path)
+    for source, name in ((path, "a.h5ad"), (shuffled_path, "b.h5ad")):
+        main(["embed", "--model", str(folder), "--input", str(source), "--output", str(tmp_path / name)])
+    first, second = (ad.read_h5ad(tmp_path / name).obsm["X_scpalm"] for name in ("a.h5ad", "b.h5ad"))
+    np.testing.assert_allclose(first, second, atol=1e-5, rtol=1e-4)
+
+
+def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys):
+    folder, _ = saved_model
+    path, _ = cells_file
+    cases = [
+        (["--model", str(folder), "--input", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "o.h5ad")], "no such file"),
+        (["--model", str(folder), "--input", str(path), "--output", str(path)], "exists"),
+        (["--model", str(tmp_path), "--input", str(path), "--output", str(tmp_path / "o.h5ad")], "not a saved scPaLM model"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(SystemExit):
+            main(["embed", *arguments])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])
+
+
+def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path):
+    import scanpy as sc
+
+    folder, _ = saved_model
+    normalised = sc.datasets.pbmc68k_reduced().raw.to_adata()
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    with pytest.raises(ValueError, match="non-integer values"):
+        main(["embed", "--model", str(folder), "--input", str(tmp_path / "normalised.h5ad"), "--output", str(tmp_path / "o.h5ad")])
+    assert not (tmp_path / "o.h5ad").exists()
