@@ -1,0 +1,69 @@
+"""training/finetune.py: Trainer fine-tuning on pbmc3k labels, full / frozen / LoRA, and clear errors."""
+
+import pytest
+import torch
+
+from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+from modeling_scpalm.finetuning import main
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, pbmc3k_processor):
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes)).save_pretrained(folder)
+    pbmc3k_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory, pbmc3k):
+    path = tmp_path_factory.mktemp("cells") / "pbmc.h5ad"
+    pbmc3k[:1200].copy().write_h5ad(path)
+    return path
+
+
+def arguments(pretrained, cells, output, tuning, epochs="3"):
+    return [
+        "--model_name_or_path", str(pretrained), "--train_file", str(cells), "--output_dir", str(output),
+        "--tuning", tuning, "--num_train_epochs", epochs, "--per_device_train_batch_size", "32",
+        "--learning_rate", "3e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--seed", "0",
+    ]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_beats_chance_on_pbmc3k(pretrained, cells, tmp_path):
+    metrics = main(arguments(pretrained, cells, tmp_path / "full", "full", epochs="6"))
+    print(f"pbmc3k fine-tuning (full, from an untrained tiny model): {metrics}")
+    # The largest of the 9 cell types is 26% of the cells; measured 0.56 accuracy and 0.38 macro-F1 without pretraining.
+    assert metrics["eval_accuracy"] > 0.45 and metrics["eval_macro_f1"] > 0.25
+    assert (tmp_path / "full" / "preprocessor_config.json").exists()
+
+
+@pytest.mark.parametrize("tuning", ["frozen", "lora"])
+def test_frozen_and_lora_train_only_their_parameters(pretrained, cells, tmp_path, tuning, monkeypatch):
+    import transformers
+
+    trained = {}
+    original_train = transformers.Trainer.train
+
+    def spy(trainer, *args, **kwargs):
+        trained.update({name: p.numel() for name, p in trainer.model.named_parameters() if p.requires_grad})
+        return original_train(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "train", spy)
+    main(arguments(pretrained, cells, tmp_path / tuning, tuning, epochs="0.05"))
+    assert any("classifier" in name for name in trained)
+    if tuning == "frozen":
+        assert all("classifier" in name for name in trained)
+    else:
+        assert any("lora_" in name for name in trained) and not any("embeddings" in name for name in trained)
+
+
+def test_bad_arguments_stop_before_any_work(pretrained, cells, tmp_path):
+    with pytest.raises(SystemExit):
+        main(arguments(pretrained, cells, tmp_path / "o", "full") + ["--label_column", "no_such_column"])
+    with pytest.raises(SystemExit):
+        main(arguments(pretrained, tmp_path / "missing.h5ad", tmp_path / "o", "full"))
+    with pytest.raises(SystemExit):
+        main(arguments(pretrained, cells, tmp_path / "o", "partial"))
