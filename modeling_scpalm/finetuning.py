@@ -45,7 +45,7 @@ def classification_metrics(eval_prediction) -> dict[str, float]:
 def main(argv=None):
     import anndata
     from sklearn.model_selection import train_test_split
-    from transformers import HfArgumentParser, Trainer, TrainingArguments
+    from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
     from .collator_scpalm import ScPaLMDataCollator
     from .modeling_scpalm import ScPaLMForCellClassification
@@ -79,6 +79,7 @@ def main(argv=None):
         rows, test_size=data_args.eval_fraction, stratify=labels, random_state=training_args.seed
     )
 
+    set_seed(training_args.seed)  # the new classifier's initialisation, as the rest of the run, follows --seed
     model = ScPaLMForCellClassification.from_pretrained(
         model_args.model_name_or_path,
         num_labels=len(names),
