@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -94,8 +95,6 @@ def main(argv=None):
         lora = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, target_modules=["qkv"],
                           modules_to_save=["classifier"])
         model = get_peft_model(model, lora)
-
-    import torch
 
     collator = ScPaLMDataCollator(torch.from_numpy(measured)[None])
     trainer = Trainer(
