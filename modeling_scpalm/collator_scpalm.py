@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .configuration_scpalm import ScPaLMConfig
-from .modeling_scpalm import sample_kept_token_indices
+from .modeling_scpalm import kept_token_indices_from_noise, sample_kept_token_indices
 
 
 @dataclass
@@ -95,12 +95,23 @@ class ScPaLMDataCollator:
             )
         if "cell_index" not in features[0]:
             raise ValueError("A seeded stage-2 collator needs each feature's `cell_index` (build_pretraining_dataset writes it).")
-        views = []
-        for feature in features:
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(feature["cell_index"]))) % 2**63)
-            views.append(sample_kept_token_indices(2, self.num_pathway_tokens, self.num_kept_tokens, generator=generator))
-        views = torch.stack(views)  # (batch, 2 views, kept)
+        # Counter-based noise: a hash of (seed, epoch, cell, view, token), computed for the whole batch at once.
+        cells = np.array([feature["cell_index"] for feature in features], dtype=np.uint64)
+        tokens = np.arange(2 * self.num_pathway_tokens, dtype=np.uint64)
+        stream = _splitmix64(np.uint64(self.seed) * np.uint64(1_000_003) + np.uint64(self.epoch))
+        counters = stream + cells[:, None] * np.uint64(2 * self.num_pathway_tokens) + tokens
+        noise = torch.from_numpy(_splitmix64(counters).view(np.int64) >> 1).view(len(features) * 2, -1)
+        views = kept_token_indices_from_noise(noise, self.num_kept_tokens).view(len(features), 2, -1)
         return views[:, 0], views[:, 1]
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 (Steele et al. 2014): a well-mixed 64-bit hash of each value; uint64 arithmetic wraps."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 __all__ = ["ScPaLMDataCollator"]

@@ -8,10 +8,12 @@ Data handling lives here, apart from the model files that ship to the Hub.
 """
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .processing_scpalm import GeneMatch, ScPaLMProcessor, anndata_gene_ids
@@ -103,7 +105,7 @@ def build_pretraining_dataset(
             gen_kwargs={"paths": [str(p) for p in train_files], "panel_ids": list(range(len(train_files))), "build": build},
         )
     except datasets.exceptions.DatasetGenerationError as error:
-        _remove_tree(output_dir / ".cache")
+        shutil.rmtree(output_dir / ".cache", ignore_errors=True)
         # A file's bad values: our message, naming the file, rather than the library's generic wrapper.
         if isinstance(error.__cause__, (ValueError, TypeError)):
             raise error.__cause__ from None
@@ -114,7 +116,7 @@ def build_pretraining_dataset(
     else:
         dataset_dict = datasets.DatasetDict({"train": dataset})
     dataset_dict.save_to_disk(str(output_dir / "cells"), max_shard_size=max_shard_size)
-    _remove_tree(output_dir / ".cache")
+    shutil.rmtree(output_dir / ".cache", ignore_errors=True)
     panels = [build.panels[panel_id] for panel_id in range(len(train_files))]
     (output_dir / PANELS_FILE).write_text(json.dumps({"num_genes": processor.num_genes, "panels": panels}))
     processor.save_pretrained(output_dir)
@@ -133,7 +135,7 @@ class _BuildState:
     progress: bool
     reports: dict[int, FileReport] = field(default_factory=dict)
     panels: dict[int, list[int]] = field(default_factory=dict)
-    cells_per_file: dict[int, int] = field(default_factory=dict)
+    num_cells: int = 0  # written so far: the next cell's `cell_index`
 
 
 def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
@@ -148,11 +150,10 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
         match = processor.match_genes(adata.var_names, gene_ids)
         matched_columns = match.vocabulary_index >= 0
         report = build.reports[panel_id] = FileReport(path, adata.n_obs, 0, match)
-        first_cell = sum(build.cells_per_file.values())
         build.panels[panel_id] = np.unique(match.vocabulary_index[matched_columns]).tolist()
         source = adata.layers[build.layer] if build.layer else adata.X
         for start in tqdm(range(0, adata.n_obs, build.chunk_size), desc=Path(path).name, disable=not build.progress):
-            matrix = _as_csr(source[start : start + build.chunk_size])
+            matrix = sp.csr_matrix(source[start : start + build.chunk_size])
             keep = np.asarray(matrix[:, matched_columns].sum(axis=1)).ravel() > 0
             report.num_dropped_cells += int((~keep).sum())
             if not keep.any():
@@ -167,9 +168,9 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
                     "gene_ids": cells.indices[begin:end].astype(np.int32),
                     "gene_values": cells.data[begin:end],
                     "panel": panel_id,
-                    "cell_index": first_cell + build.cells_per_file.get(panel_id, 0),
+                    "cell_index": build.num_cells,
                 }
-                build.cells_per_file[panel_id] = build.cells_per_file.get(panel_id, 0) + 1
+                build.num_cells += 1
 
 
 def load_pretraining_dataset(dataset_dir: str | Path, streaming: bool = False, num_shards: int = 8):
@@ -194,18 +195,6 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
     for panel_id, gene_ids in enumerate(saved["panels"]):
         panels[panel_id, gene_ids] = True
     return panels
-
-
-def _as_csr(matrix):
-    import scipy.sparse as sp
-
-    return matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(np.asarray(matrix))
-
-
-def _remove_tree(path: Path):
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = ["build_pretraining_dataset", "load_pretraining_dataset", "load_gene_panels", "BuildReport"]

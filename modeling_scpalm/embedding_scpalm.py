@@ -106,10 +106,13 @@ class ScPaLMEmbeddings(nn.Module):
         }
         return {name: (self._heads(self.key(v)), self._heads(self.value(v))) for name, v in vectors.items()}
 
-    def _panel_pool(self, keys_values: tuple[torch.Tensor, torch.Tensor], panels: torch.Tensor) -> torch.Tensor:
-        """(panels, heads, N, head_dim): a pool over each panel's measured genes."""
-        keys, values = (tensor.expand(panels.shape[0], -1, -1, -1) for tensor in keys_values)
-        return self._attend(keys, values, panels)
+    def _panel_references(self, vocabulary: dict, panels: torch.Tensor, panel_of_cell: torch.Tensor):
+        """Each cell's two references (batch, heads, N, head_dim): its panel's genes at x = 1, and at zero."""
+        references = []
+        for name in ("reference", "zero"):
+            keys, values = (tensor.expand(panels.shape[0], -1, -1, -1) for tensor in vocabulary[name])
+            references.append(self._attend(keys, values, panels)[panel_of_cell])
+        return references
 
     def _tokens(self, expressed_deviation: torch.Tensor, zero_deviation: torch.Tensor) -> torch.Tensor:
         """RMS-normalise each head's centred pools, merge heads, fuse into the N tokens (line 8 of Algorithm 1)."""
@@ -152,8 +155,7 @@ class ScPaLMEmbeddings(nn.Module):
         # A cell with no expressed gene has the panel's zero pool, no deviation; its softmax is kept off an empty set.
         any_expressed = expressed.any(1)
         expressed_as_zero = self._attend(zero_keys, zero_values, expressed | ~any_expressed[:, None], null_gene=False)
-        reference_pool = self._panel_pool(vocabulary["reference"], panels)[panel_of_cell]
-        panel_zero_pool = self._panel_pool(vocabulary["zero"], panels)[panel_of_cell]
+        reference_pool, panel_zero_pool = self._panel_references(vocabulary, panels, panel_of_cell)
         zero_deviation = torch.where(any_expressed[:, None, None, None], panel_zero_pool - expressed_as_zero, 0.0)
         return self._tokens(expressed_pool - reference_pool, zero_deviation)
 
@@ -178,9 +180,7 @@ class ScPaLMEmbeddings(nn.Module):
         keys, values = self._heads(self.key(vectors)), self._heads(self.value(vectors))
         expressed_pool = self._attend(keys, values, expressed)
         zero_pool = self._attend(keys, values, measured & ~expressed)
-        vocabulary = self._vocabulary_keys_values()
-        reference_pool = self._panel_pool(vocabulary["reference"], panels)[panel_of_cell]
-        panel_zero_pool = self._panel_pool(vocabulary["zero"], panels)[panel_of_cell]
+        reference_pool, panel_zero_pool = self._panel_references(self._vocabulary_keys_values(), panels, panel_of_cell)
         return self._tokens(expressed_pool - reference_pool, zero_pool - panel_zero_pool)
 
 

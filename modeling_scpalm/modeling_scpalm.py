@@ -269,7 +269,11 @@ def sample_kept_token_indices(
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """(batch, num_kept) random pathway-token indices, sorted (section 3.3), drawn afresh for every cell."""
-    noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
+    return kept_token_indices_from_noise(torch.rand(batch_size, num_tokens, generator=generator, device=device), num_kept)
+
+
+def kept_token_indices_from_noise(noise: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """The sorted indices of the `num_kept` smallest noise values of each row: a uniform draw of p% of the tokens."""
     return noise.argsort(dim=1)[:, :num_kept].sort(dim=1).values
 
 

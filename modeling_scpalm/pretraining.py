@@ -164,13 +164,13 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     progress = tqdm(total=max_steps, initial=completed_steps, desc=f"stage {stage}", disable=not accelerator.is_local_main_process)
     model.train()
     epoch = completed_steps // steps_per_epoch
+    # Batches of the resumed epoch that the run had already trained on.
+    batches_to_skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
     while completed_steps < max_steps:
         train_loader.set_epoch(epoch)
         collator.set_epoch(epoch)
-        batches = train_loader
-        if resume is not None and epoch == completed_steps // steps_per_epoch:
-            skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
-            batches = accelerator.skip_first_batches(train_loader, skip)
+        batches = accelerator.skip_first_batches(train_loader, batches_to_skip) if batches_to_skip else train_loader
+        batches_to_skip = 0
         for micro_step, batch in enumerate(batches, start=completed_steps * args.gradient_accumulation_steps):
             # The model's own draws (code replacement, negatives) depend on the step alone, not on what the RNG saw
             # before (data loaders draw from it too): a resumed run repeats the unbroken one exactly.
