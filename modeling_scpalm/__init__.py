@@ -6,6 +6,7 @@ Importing the package registers it with the Auto classes: `AutoConfig`, `AutoMod
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification
 
+from .cli import embed_anndata
 from .collator_scpalm import ScPaLMDataCollator
 from .configuration_scpalm import PRESETS, ScPaLMConfig
 from .data_scpalm import BuildReport, build_pretraining_dataset, load_gene_panels, load_pretraining_dataset
@@ -34,6 +35,7 @@ __all__ = [
     "BuildReport",
     "ScPaLMDataCollator",
     "build_pretraining_dataset",
+    "embed_anndata",
     "load_gene_panels",
     "load_pretraining_dataset",
     "GeneMatch",

@@ -19,6 +19,7 @@ import torch
 from .processing_scpalm import GeneMatch, ScPaLMProcessor, anndata_gene_ids
 
 PANELS_FILE = "gene_panels.json"
+BUILD_REPORT_FILE = "build_report.txt"  # what was kept and dropped, for people and the model card
 
 
 @dataclass
@@ -30,7 +31,7 @@ class FileReport:
 
     def __str__(self) -> str:
         return (
-            f"{self.path}: kept {self.num_cells - self.num_dropped_cells:,} of {self.num_cells:,} cells "
+            f"{Path(self.path).name}: kept {self.num_cells - self.num_dropped_cells:,} of {self.num_cells:,} cells "
             f"({self.num_dropped_cells:,} without counts on vocabulary genes dropped); {self.gene_match}"
         )
 
@@ -43,7 +44,7 @@ class BuildReport:
 
     def __str__(self) -> str:
         lines = [str(report) for report in self.files]
-        lines.append(f"{self.num_train_cells:,} training and {self.num_eval_cells:,} evaluation cells")
+        lines.append(f"{self.num_train_cells:,} training and {self.num_eval_cells:,} held-out evaluation cells")
         return "\n".join(lines)
 
 
@@ -123,6 +124,7 @@ def build_pretraining_dataset(
     report = BuildReport(files=[build.reports[panel_id] for panel_id in range(len(train_files))])
     report.num_train_cells = len(dataset_dict["train"])
     report.num_eval_cells = len(dataset_dict["eval"]) if "eval" in dataset_dict else 0
+    (output_dir / BUILD_REPORT_FILE).write_text(str(report) + "\n")
     return processor, report
 
 

@@ -377,6 +377,11 @@ def _info_nce(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
 # -- models -----------------------------------------------------------------------------------------------------------
 
 
+# The pretraining heads' weights: a pretrained folder keeps them (as BERT's keep the MLM head); the encoder and the
+# classifier load from it without them, silently.
+PRETRAINING_HEAD_KEYS = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
+
+
 class ScPaLMPreTrainedModel(PreTrainedModel):
     config: ScPaLMConfig
     config_class = ScPaLMConfig
@@ -489,6 +494,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
     """Embedding, pathway encoder and quantizer (stage 1) and the cell encoder (stage 2); gives h_C."""
 
     _auto_class = "AutoModel"
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -689,7 +695,7 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
     """A linear classifier on h_C, for fine-tuning with `Trainer`."""
 
     _auto_class = "AutoModelForSequenceClassification"
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)

@@ -9,6 +9,8 @@ Runs on one CPU, several processes or several GPUs:
 The h5ad files become a sharded on-disk dataset under `output_dir/dataset` (or pass `--dataset_dir` to reuse one).
 Each stage writes `output_dir/stage_<n>/` (model, processor, `log.jsonl`) and checkpoints under
 `output_dir/checkpoints/stage_<n>/step_<k>`; `--resume_from_checkpoint latest` continues a killed run exactly.
+The run ends by writing `output_dir/model`: the last stage's model and processor with a filled model card
+(README.md from `hub_cards/model_card.md`), which `--push_to_hub` uploads.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
     data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
     data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
+    data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
     data.add_argument("--eval_fraction", type=float, default=0.05)
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")
@@ -52,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
     training.add_argument("--num_workers", type=int, default=0)
     training.add_argument("--seed", type=int, default=0)
+    hub = parser.add_argument_group("sharing (the run ends by writing output_dir/model: model, processor, model card)")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload output_dir/model to the Hub at the end")
+    hub.add_argument("--hub_model_id", help="the Hub repository, 'user/name' (default: the output folder's name)")
+    hub.add_argument("--hub_token", help="default: the token `hf auth login` saved, or $HF_TOKEN")
+    hub.add_argument("--hub_private_repo", action="store_true", help="make the repository private")
+    hub.add_argument("--dataset_name", action="append", help="a training dataset's name for the card (repeatable)")
+    hub.add_argument("--license", default="apache-2.0", help="the model card's licence (mind your data's terms)")
     args = parser.parse_args(argv)
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
@@ -60,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.resume_from_checkpoint:
         parser.error(f"{output_dir} exists and is not empty: choose a new --output_dir, or --resume_from_checkpoint")
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        # Found out now, not after hours of training.
+        if constants.HF_HUB_OFFLINE:
+            parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it, or push later")
+        args.hub_model_id = args.hub_model_id or output_dir.resolve().name
     return args
 
 
@@ -86,7 +104,12 @@ def main(argv=None):
         from .data_scpalm import build_pretraining_dataset
 
         _, report = build_pretraining_dataset(
-            args.train_file, dataset_dir, eval_fraction=args.eval_fraction, layer=args.layer, seed=args.seed
+            args.train_file,
+            dataset_dir,
+            eval_fraction=args.eval_fraction,
+            is_normalized=args.is_normalized,
+            layer=args.layer,
+            seed=args.seed,
         )
         accelerator.print(report)
     accelerator.wait_for_everyone()
@@ -98,11 +121,21 @@ def main(argv=None):
     processor = ScPaLMProcessor.from_pretrained(dataset_dir)
     mean_expression = _mean_expression(dataset["train"], processor.num_genes)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
-    previous = Path(args.stage_one_model) if args.stage_one_model else None
+    stage_dirs = [Path(args.stage_one_model)] if args.stage_one_model else []
     for stage in stages:
-        previous = run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, previous)
-    accelerator.print(f"Done: {previous}")
-    return previous
+        previous = stage_dirs[-1] if stage_dirs else None
+        stage_dirs.append(run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, previous))
+
+    model_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        from .hub_scpalm import export_model, push_to_hub
+
+        export_model(stage_dirs, model_dir, dataset_dir, args.hub_model_id, args.dataset_name, args.license)
+        accelerator.print(f"Model, processor and model card: {model_dir}")
+        if args.push_to_hub:
+            accelerator.print(f"Pushed to {push_to_hub(model_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)}")
+    accelerator.wait_for_everyone()
+    return model_dir
 
 
 def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, stage_one_dir):
@@ -113,6 +146,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
 
     from .collator_scpalm import ScPaLMDataCollator
     from .configuration_scpalm import ScPaLMConfig
+    from .hub_scpalm import TRAINING_SUMMARY_FILE
     from .modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
 
     output_dir = Path(args.output_dir)
@@ -164,6 +198,8 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     progress = tqdm(total=max_steps, initial=completed_steps, desc=f"stage {stage}", disable=not accelerator.is_local_main_process)
     model.train()
     epoch = completed_steps // steps_per_epoch
+    total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    log_clock, steps_since_log = time.perf_counter(), 0
     # Batches of the resumed epoch that the run had already trained on.
     batches_to_skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
     while completed_steps < max_steps:
@@ -186,15 +222,23 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
+            steps_since_log += 1
             progress.update(1)
             if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
-                record = {"step": completed_steps, "lr": scheduler.get_last_lr()[0], **_loss_parts(output)}
+                # Training speed alone: the clock restarts after evaluations and checkpoints.
+                cells_per_second = steps_since_log * total_batch_size / (time.perf_counter() - log_clock)
+                record = {"step": completed_steps, "lr": scheduler.get_last_lr()[0], **_loss_parts(output),
+                          "cells_per_second": round(cells_per_second, 1)}
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 _append_log(accelerator, log_file, record)
+                log_clock, steps_since_log = time.perf_counter(), 0
             if eval_loader is not None and (completed_steps % args.eval_steps == 0 or completed_steps == max_steps):
-                _append_log(accelerator, log_file, {"step": completed_steps, "eval_loss": evaluate(model, eval_loader, accelerator)})
+                eval_record = {"step": completed_steps, **evaluate(model, eval_loader, accelerator)}
+                _append_log(accelerator, log_file, eval_record)
+                log_clock = time.perf_counter()
             if completed_steps % args.checkpointing_steps == 0 and completed_steps < max_steps:
                 accelerator.save_state(str(checkpoints / f"step_{completed_steps}"))
+                log_clock = time.perf_counter()
             if completed_steps >= max_steps:
                 break
         epoch += 1
@@ -204,6 +248,20 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(stage_dir)
         processor.save_pretrained(stage_dir)
+        summary = {
+            "stage": stage,
+            "preset": args.preset,
+            "steps": completed_steps,
+            "batch_size": total_batch_size,
+            "learning_rate": learning_rate,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "train_loss": round(record["loss"], 5),
+            "eval_loss": round(eval_record["eval_loss"], 5) if eval_loader is not None else None,
+            "eval_reconstruction_loss": round(eval_record["eval_reconstruction_loss"], 5) if eval_loader is not None else None,
+            "seed": args.seed,
+        }
+        (stage_dir / TRAINING_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
     accelerator.free_memory()
@@ -222,13 +280,16 @@ def _check_processes_agree(accelerator, model):
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator) -> float:
+def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
+    """Mean loss and reconstruction loss over the held-out cells (every process's share)."""
     model.eval()
     losses = []
     for batch in eval_loader:
-        losses.append(accelerator.gather_for_metrics(model(**batch).loss.detach()[None]))
+        output = model(**batch)
+        losses.append(accelerator.gather_for_metrics(torch.stack([output.loss, output.reconstruction_loss])[None]))
     model.train()
-    return torch.cat(losses).mean().item()
+    loss, reconstruction_loss = torch.cat(losses).mean(0).tolist()
+    return {"eval_loss": loss, "eval_reconstruction_loss": reconstruction_loss}
 
 
 def _loss_parts(output) -> dict[str, float]:

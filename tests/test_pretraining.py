@@ -62,6 +62,63 @@ def test_both_stages_write_a_loadable_model(unbroken_run):
         assert torch.equal(stage_one[name], stage_two[name]), name
 
 
+def test_the_run_ends_with_a_shareable_folder(unbroken_run):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModel
+
+    from modeling_scpalm import ScPaLMModel, ScPaLMProcessor
+
+    folder = unbroken_run / "model"
+    assert weights(folder).keys() == weights(unbroken_run / "stage_2").keys()
+    assert isinstance(AutoModel.from_pretrained(folder), ScPaLMModel)
+    ScPaLMProcessor.from_pretrained(folder)
+    assert not (folder / "log.jsonl").exists()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert "single-cell" in card.data.tags and card.data.datasets == ["cells"]
+    # Both stages' held-out losses, as logged, reach the card's YAML and its text.
+    logged = {}
+    for stage in (1, 2):
+        log = (unbroken_run / f"stage_{stage}" / "log.jsonl").read_text().splitlines()
+        logged[stage] = [json.loads(line) for line in log if "eval_loss" in line][-1]["eval_reconstruction_loss"]
+    assert [result.metric_value for result in card.data.eval_results] == pytest.approx([logged[1], logged[2]], abs=1e-5)
+    assert "6 optimizer steps of 32 cells" in card.text and "kept 600 of 600 cells" in card.text
+    assert card.data.model_name == "run" and "{{" not in card.text
+
+
+def test_push_to_hub_uploads_the_shareable_folder(dataset_dir, unbroken_run, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+    from transformers import AutoModel
+
+    hub = tmp_path / "hub"
+
+    class RecordingHub:  # stands in for the Hub: no network in tests
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            assert exist_ok and private is True
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            shutil.copytree(folder_path, hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    output = tmp_path / "run"
+    main([
+        "--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN, "--stage", "2",
+        "--stage_one_model", str(unbroken_run / "stage_1"), "--push_to_hub", "--hub_model_id", "me/scpalm-tiny",
+        "--hub_private_repo",
+    ])
+    pushed = hub / "me" / "scpalm-tiny"
+    model = AutoModel.from_pretrained(pushed)
+    assert torch.equal(model.embeddings.gene_embeddings, weights(output / "model")["scpalm.embeddings.gene_embeddings"])
+    assert 'from_pretrained("me/scpalm-tiny")' in (pushed / "README.md").read_text()
+    assert json.loads((pushed / "config.json").read_text())["auto_map"]["AutoModel"].endswith("ScPaLMModel")
+
+
 @pytest.mark.parametrize("killed_in_stage", [1, 2])
 def test_a_killed_and_resumed_run_ends_where_an_unbroken_one_does(dataset_dir, unbroken_run, tmp_path, killed_in_stage):
     output = tmp_path / "run"
@@ -106,12 +163,18 @@ def test_two_cpu_processes_train_both_stages(dataset_dir, tmp_path):
     assert (output / "stage_1" / "model.safetensors").exists() and (output / "stage_2" / "model.safetensors").exists()
 
 
-def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run):
+def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch, capsys):
+    import huggingface_hub
+
     with pytest.raises(SystemExit):
         parse_args(["--output_dir", str(tmp_path / "out")])  # no data
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(unbroken_run)])  # output exists
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--stage", "2"])  # no stage-1 model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not found"):
         main(["--train_file", str(tmp_path / "missing.h5ad"), "--output_dir", str(tmp_path / "new")])
