@@ -3,8 +3,10 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-# Named sizes. "paper" is Table 4 of the paper (N = 256, K = 128, 60,664 genes); "tiny"
-# pretrains both stages on pbmc3k in minutes on two CPU cores.
+# Named sizes. "paper" is Table 4 of the paper (N = 256, K = 128, 60,664 genes); "tiny" pretrains both stages on
+# pbmc3k in minutes on two CPU cores. Every preset keeps the paper's K = 128: on pbmc3k's 2,000 most variable genes
+# (tiny, 400 stage-1 steps) a linear probe of the encoder output reached 0.77 cell-type accuracy with K = 32 and
+# 0.82 with K = 128 (0.85 without the quantizer).
 PRESETS = {
     "tiny": {
         "hidden_size": 64,
@@ -12,7 +14,7 @@ PRESETS = {
         "num_attention_heads": 4,
         "intermediate_size": 128,
         "num_pathway_tokens": 32,
-        "codebook_size": 32,
+        "codebook_size": 128,
         "contrastive_queue_size": 1024,
         "contrastive_refit_interval": 25,
         "contrastive_num_clusters": 8,
@@ -24,7 +26,7 @@ PRESETS = {
         "num_attention_heads": 4,
         "intermediate_size": 1024,
         "num_pathway_tokens": 64,
-        "codebook_size": 64,
+        "codebook_size": 128,
     },
     "paper": {
         "num_genes": 60664,

@@ -54,6 +54,7 @@ class ScPaLMEmbeddings(nn.Module):
         self.value = nn.Linear(hidden, hidden)
         self.pool_fusion = nn.Linear(2 * hidden, hidden)
         self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self._vocabulary_cache = None  # (weights key, keys and values): see `_vocabulary_keys_values`
 
     # -- gene vectors ---------------------------------------------------------------------------------------------
 
@@ -98,7 +99,21 @@ class ScPaLMEmbeddings(nn.Module):
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :])
 
     def _vocabulary_keys_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values (heads, genes, head_dim) of every vocabulary gene at zero and expressed at x = 1."""
+        """Keys and values (heads, genes, head_dim) of every vocabulary gene at zero and expressed at x = 1.
+
+        They cost O(vocabulary x hidden^2) and depend on the weights alone, so inference (eval mode, no grad) computes
+        them once and reuses them until a weight changes: any in-place update bumps a tensor's version counter, and
+        moving the module gives new storage.
+        """
+        if self.training or torch.is_grad_enabled():
+            self._vocabulary_cache = None
+            return self._compute_vocabulary_keys_values()
+        weights_key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        if self._vocabulary_cache is None or self._vocabulary_cache[0] != weights_key:
+            self._vocabulary_cache = (weights_key, self._compute_vocabulary_keys_values())
+        return self._vocabulary_cache[1]
+
+    def _compute_vocabulary_keys_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         gene_ids = torch.arange(self.num_genes, device=self.gene_embeddings.device)
         vectors = {
             "zero": self._zero_gene_vectors(),

@@ -137,3 +137,26 @@ def test_shuffled_gene_columns_give_the_same_embedding(pbmc3k, pbmc3k_processor)
         original = model(**pbmc3k_processor(cells)).cell_embedding
         permuted = model(**pbmc3k_processor(shuffled)).cell_embedding
     torch.testing.assert_close(original, permuted, atol=1e-5, rtol=1e-4)
+
+
+def test_inference_reuses_the_vocabulary_until_a_weight_changes(tiny_config):
+    torch.manual_seed(0)
+    embeddings = ScPaLMModel(tiny_config).eval().embeddings
+    inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        first = embeddings(**inputs, measured_gene_mask=measured)
+        cached = embeddings._vocabulary_cache[1]
+        torch.testing.assert_close(embeddings(**inputs, measured_gene_mask=measured), first, rtol=0, atol=0)
+        assert embeddings._vocabulary_cache[1] is cached
+        embeddings.gene_embeddings.add_(0.5)  # as an optimizer step does, in place
+        after_update = embeddings(**inputs, measured_gene_mask=measured)
+        embeddings.load_state_dict({name: 0.9 * tensor for name, tensor in embeddings.state_dict().items()})
+        after_load = embeddings(**inputs, measured_gene_mask=measured)
+    with torch.enable_grad():  # never cached: the training path
+        uncached_after_load = embeddings(**inputs, measured_gene_mask=measured)
+        embeddings.load_state_dict({name: tensor / 0.9 for name, tensor in embeddings.state_dict().items()})
+        uncached_after_update = embeddings(**inputs, measured_gene_mask=measured)
+    assert not torch.allclose(after_update, first)
+    torch.testing.assert_close(after_load, uncached_after_load.detach())
+    torch.testing.assert_close(after_update, uncached_after_update.detach(), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,132 @@
+"""What every benchmark shares: the real cells, timing, peak tensor memory, and the table it prints.
+
+Timings are medians of repeats after a warm-up; every table reports ratios to a reference row measured in the same
+process, since these machines are noisy. Peak memory is what tensors hold: on CUDA the allocator's peak, elsewhere a
+dispatch-mode tracker that counts each tensor's storage from creation until it is freed. The tracker also runs under
+`FakeTensorMode`, which measures a configuration's memory without allocating it (the paper's sizes on a laptop).
+"""
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SCPALM_DATA_DIR", REPO.parent / "shared" / "data"))
+PBMC3K = DATA_DIR / "scrna" / "pbmc3k_2638.h5ad"
+
+
+def load_pbmc3k(num_cells: int | None = None):
+    """The real cells every benchmark uses (raw counts, 13,714 genes); `SCPALM_DATA_DIR` points elsewhere."""
+    import anndata
+
+    if not PBMC3K.is_file():
+        raise SystemExit(f"{PBMC3K} is absent: set SCPALM_DATA_DIR to the folder holding scrna/pbmc3k_2638.h5ad")
+    adata = anndata.read_h5ad(PBMC3K)
+    return adata[:num_cells].copy() if num_cells else adata
+
+
+def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `function()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        _synchronize()
+        start = time.perf_counter()
+        function()
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the block (those that existed before are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self._live = WeakIdKeyDictionary()
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        return output
+
+    def _track(self, storage):
+        if storage in self._live:
+            return
+        size = storage.nbytes()
+        self._live[storage] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, size)
+
+    def _release(self, size: int):
+        self.current -= size
+
+
+def peak_memory(function, device: torch.device) -> int:
+    """Peak bytes that `function()` adds on `device` (its own tensors: activations, temporaries, gradients)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        function()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    with PeakTensorMemory() as tracker:
+        function()
+    return tracker.peak
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def print_table(title: str, columns: list[str], rows: list[list], note: str = ""):
+    """A markdown table, with the machine and commit it was measured on."""
+    print(f"\n### {title}\n")
+    print(f"{environment()}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_cell(value) for value in row) + " |")
+    if note:
+        print(f"\n{note}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    return str(value)
+
+
+def environment() -> str:
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return f"{device}; torch {torch.__version__}; commit {commit or 'unknown'}"
+
+
+def mib(size: int) -> float:
+    return size / 2**20
