@@ -35,6 +35,19 @@ def load_pbmc3k(num_cells: int | None = None):
     return adata[:num_cells].copy() if num_cells else adata
 
 
+def pbmc3k_dataset(folder: Path, num_cells: int | None = None) -> Path:
+    """pbmc3k as a pretraining dataset on disk (sharded Arrow, as `scpalm pretrain` builds it) under `folder`."""
+    import datasets
+
+    from modeling_scpalm import build_pretraining_dataset
+
+    datasets.disable_progress_bars()
+    cells_file = folder / "pbmc3k.h5ad"
+    load_pbmc3k(num_cells).write_h5ad(cells_file)
+    build_pretraining_dataset([cells_file], folder / "dataset", eval_fraction=0.0, progress=False)
+    return folder / "dataset"
+
+
 def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `function()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
@@ -121,11 +134,18 @@ def environment() -> str:
         device = torch.cuda.get_device_name()
     else:
         device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{device}; torch {torch.__version__}; commit {_commit()}"
+
+
+def _commit() -> str:
+    """The checkout's commit, marked when the working tree differs from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
     except OSError:
-        commit = "unknown"
-    return f"{device}; torch {torch.__version__}; commit {commit or 'unknown'}"
+        return "unknown"
+    return (commit or "unknown") + (" with uncommitted changes" if changed.strip() else "")
 
 
 def mib(size: int) -> float:

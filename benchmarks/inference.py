@@ -13,6 +13,7 @@ cells in the same batches; the input tensors are built beforehand, so the times 
 """
 
 import argparse
+from functools import partial
 
 import numpy as np
 import torch
@@ -60,19 +61,11 @@ def main(argv=None):
     for name, (model, inputs) in models.items():
         model = model.to(device=device, dtype=dtype).eval()
         inputs = [{key: value.to(device) for key, value in batch.items()} for batch in inputs]
-
-        @torch.no_grad()
-        def embed_all():
-            for batch in inputs:
-                model(**batch)
-
-        elapsed = seconds(embed_all, repeats=args.repeats)
         longest = max(inputs, key=lambda batch: next(iter(batch.values())).shape[1])
         with torch.no_grad():
-            memory = peak_memory(lambda: model(**longest), device)
-        tokens = np.mean([_tokens(name, batch, config) for batch in inputs])
-        results[name] = (elapsed, memory, tokens)
-        del model
+            elapsed = seconds(partial(_embed_all, model, inputs), repeats=args.repeats)
+            memory = peak_memory(partial(_embed_all, model, [longest]), device)
+        results[name] = (elapsed, memory, np.mean([_tokens(name, batch, config) for batch in inputs]))
 
     reference_time, reference_memory, _ = results["Geneformer-shaped, ragged"]
     rows = [
@@ -88,6 +81,11 @@ def main(argv=None):
         f"Command: python benchmarks/inference.py --preset {args.preset} --batch_size {args.batch_size} --dtype {args.dtype}",
     )
     return results
+
+
+def _embed_all(model, batches):
+    for batch in batches:
+        model(**batch)
 
 
 def _tokens(name, batch, config) -> float:

@@ -8,7 +8,6 @@ from modeling_scpalm import ScPaLMConfig, ScPaLMModel
 from modeling_scpalm.cli import main
 
 
-
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, pbmc3k_processor):
     folder = tmp_path_factory.mktemp("model")

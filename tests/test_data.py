@@ -7,7 +7,6 @@ import torch
 from modeling_scpalm import (
     ScPaLMConfig,
     ScPaLMDataCollator,
-    ScPaLMProcessor,
     build_pretraining_dataset,
     load_pretraining_dataset,
 )

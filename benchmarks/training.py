@@ -1,0 +1,95 @@
+"""Training speed: time per optimizer step and cells per second, stage 1 and stage 2, at several presets.
+
+    python benchmarks/training.py                          # tiny and small on CPU, batch 64
+    python benchmarks/training.py --presets paper --device cuda --dtype bfloat16 --batch_size 128
+    python benchmarks/training.py --quick                  # seconds: what CI runs
+
+Batches come from pbmc3k through the pretraining dataset and collator (random cells, as in training); they are
+collated beforehand, so the times are the model's: forward, backward, gradient clipping and the AdamW step.
+"""
+
+import argparse
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from _common import pbmc3k_dataset, print_table, seconds
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up steps)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny only, small batches: checks the benchmark runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.presets, args.batch_size, args.steps = ["tiny"], 8, 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        dataset_dir = pbmc3k_dataset(Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None)
+        results = measure(args, dataset_dir)
+    reference = results[args.presets[0], 1]
+    rows = [
+        [preset, stage, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds, reference / step_seconds]
+        for (preset, stage), step_seconds in results.items()
+    ]
+    print_table(
+        f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.dtype}, {args.device})",
+        ["preset", "stage", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1"],
+        rows,
+        note=f"Command: python benchmarks/training.py --presets {' '.join(args.presets)} --batch_size {args.batch_size}",
+    )
+    return results
+
+
+def measure(args, dataset_dir):
+    from torch.utils.data import DataLoader
+
+    from modeling_scpalm import (
+        ScPaLMConfig,
+        ScPaLMDataCollator,
+        ScPaLMForCellPretraining,
+        ScPaLMForPathwayReconstruction,
+        load_pretraining_dataset,
+    )
+    from modeling_scpalm.processing_scpalm import ScPaLMProcessor
+
+    dataset, panels = load_pretraining_dataset(dataset_dir)
+    num_genes = ScPaLMProcessor.from_pretrained(dataset_dir).num_genes
+    device = torch.device(args.device)
+    results = {}
+    for preset in args.presets:
+        config = ScPaLMConfig.from_preset(preset, num_genes=num_genes)
+        for stage, model_class in ((1, ScPaLMForPathwayReconstruction), (2, ScPaLMForCellPretraining)):
+            torch.manual_seed(0)
+            model = model_class(config).to(device).train()
+            collator = ScPaLMDataCollator.for_stage(config, panels, stage, seed=0)
+            loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
+            batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            step = partial(_training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
+            results[preset, stage] = seconds(step, repeats=args.steps, warmup=2)
+    return results
+
+
+def _training_step(model, optimizer, batches, dtype):
+    """Forward, backward, clipping and the AdamW step on the next batch."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(**next(batches)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+if __name__ == "__main__":
+    main()
