@@ -142,7 +142,9 @@ def _commit() -> str:
     try:
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        # The results being written are not a change to what is measured.
+        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
+        changed = subprocess.run(status, capture_output=True, text=True).stdout
     except OSError:
         return "unknown"
     return (commit or "unknown") + (" with uncommitted changes" if changed.strip() else "")
