@@ -142,8 +142,8 @@ def _commit() -> str:
     try:
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        # The results being written are not a change to what is measured.
-        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
+        # Only the code that is measured counts (not the results being written, nor the docs).
+        status = [*git, "status", "--porcelain", "--", "modeling_scpalm", "benchmarks", ":!benchmarks/results"]
         changed = subprocess.run(status, capture_output=True, text=True).stdout
     except OSError:
         return "unknown"
