@@ -164,7 +164,12 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         model = ScPaLMForCellPretraining.from_pretrained(stage_one_dir)
         model.cell_decoder.initialize_gene_bias(mean_expression)
     collator = ScPaLMDataCollator.for_stage(model.config, panels, stage, seed=args.seed)
-    loader_options = {"batch_size": args.per_device_batch_size, "collate_fn": collator, "num_workers": args.num_workers}
+    loader_options = {
+        "batch_size": args.per_device_batch_size,
+        "collate_fn": collator,
+        "num_workers": args.num_workers,
+        "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
+    }
     train_loader = DataLoader(dataset["train"], shuffle=True, drop_last=True, **loader_options)
     eval_loader = DataLoader(dataset["eval"], **loader_options) if "eval" in dataset else None
 

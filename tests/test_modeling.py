@@ -1,5 +1,6 @@
 """The models: shapes of every head, save/reload and Auto round trips, stage-2 freezing, attention backends, bf16."""
 
+import copy
 import json
 import os
 import subprocess
@@ -242,3 +243,23 @@ def test_paper_preset_is_table_four():
     with torch.device("meta"):
         model = ScPaLMForCellPretraining(config)  # paper scale is configuration, not new code
     assert sum(p.numel() for p in model.parameters()) > 300e6
+
+
+@pytest.mark.slow
+def test_compiled_model_computes_what_the_eager_model_does(tiny_config, inputs):
+    """torch.compile (inductor) as a fast path: the same embeddings in inference, the same loss and gradients."""
+    encoder = ScPaLMModel(tiny_config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.compile(encoder)(**inputs).cell_embedding, encoder(**inputs).cell_embedding, atol=1e-5, rtol=1e-4
+        )
+    torch.manual_seed(0)
+    eager = ScPaLMForPathwayReconstruction(tiny_config).train()
+    compiled = copy.deepcopy(eager)
+    losses = [eager(**inputs).loss, torch.compile(compiled)(**inputs).loss]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, parameter), compiled_parameter in zip(eager.named_parameters(), compiled.parameters()):
+        if parameter.grad is not None:
+            torch.testing.assert_close(compiled_parameter.grad, parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
