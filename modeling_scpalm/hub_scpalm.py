@@ -49,6 +49,7 @@ def write_model_card(model_dir, stage_dirs, dataset_dir, model_id, model_name, d
     stages = [json.loads((Path(d) / TRAINING_SUMMARY_FILE).read_text()) for d in stage_dirs if (Path(d) / TRAINING_SUMMARY_FILE).is_file()]
     report = Path(dataset_dir) / BUILD_REPORT_FILE if dataset_dir else None
     data_lines = report.read_text().splitlines() if report and report.is_file() else [f"the dataset in `{dataset_dir}`"]
+    # The build report has one "<file>: kept ..." line per file, then the totals.
     dataset_names = dataset_names or [line.split(":")[0].removesuffix(".h5ad") for line in data_lines[:-1]] or None
     eval_results = [
         EvalResult(
