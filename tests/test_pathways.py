@@ -39,7 +39,7 @@ def test_enrichment_p_values_are_scipys_hypergeometric_then_bh():
     }
     adjusted = dict(zip(raw, false_discovery_control(list(raw.values()), method="bh")))
     assert {(code, name) for code, name, *_ in rows} == {(0, "S1"), (1, "S1"), (1, "S2")}  # OTHER: too small
-    for code, name, overlap, p_value, adjusted_p_value in rows:
+    for code, name, _overlap, p_value, adjusted_p_value in rows:
         assert p_value == pytest.approx(raw[code, name]) and adjusted_p_value == pytest.approx(adjusted[code, name])
     assert rows[0][:3] == (0, "S1", ["G0", "G1", "G2"])
 
