@@ -62,6 +62,17 @@ def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def training_step(model, optimizer, batches, dtype):
+    """Forward, backward, clipping and the AdamW step on the next batch."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(**next(batches)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of the tensors created inside the block (those that existed before are not counted)."""
 

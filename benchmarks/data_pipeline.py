@@ -12,10 +12,11 @@ The loader must outrun training by a wide margin, or the accelerator waits on da
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from _common import pbmc3k_dataset, print_table
+from _common import pbmc3k_dataset, print_table, seconds, training_step
 
 
 def parse_args(argv=None):
@@ -87,19 +88,9 @@ def training_cells_per_second(args, dataset_dir) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True,
                         collate_fn=ScPaLMDataCollator.for_stage(config, panels, 1))
-    warmup, *timed = [batch for _, batch in zip(range(4), loader)]
-
-    def step(batch):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step(warmup)
-    start = time.perf_counter()
-    for batch in timed:
-        step(batch)
-    return sum(batch["gene_ids"].shape[0] for batch in timed) / (time.perf_counter() - start)
-
+    batches = [batch for _, batch in zip(range(4), loader)]
+    step = partial(training_step, model, optimizer, iter(batches), torch.float32)
+    return args.batch_size / seconds(step, repeats=3, warmup=1)
 
 if __name__ == "__main__":
     main()

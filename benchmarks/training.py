@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import pbmc3k_dataset, print_table, seconds
+from _common import pbmc3k_dataset, print_table, seconds, training_step
 
 
 def parse_args(argv=None):
@@ -75,20 +75,9 @@ def measure(args, dataset_dir):
             loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
             batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            step = partial(_training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
+            step = partial(training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
             results[preset, stage] = seconds(step, repeats=args.steps, warmup=2)
     return results
-
-
-def _training_step(model, optimizer, batches, dtype):
-    """Forward, backward, clipping and the AdamW step on the next batch."""
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = model(**next(batches)).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 if __name__ == "__main__":

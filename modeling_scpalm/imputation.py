@@ -17,7 +17,7 @@ class MaskedCells:
     """Cells with some non-zero values hidden, and where they were."""
 
     cells: sp.csr_matrix  # the input with the hidden values removed (log-normalised, vocabulary order)
-    rows: np.ndarray  # (hidden,) cell of each hidden value
+    rows: np.ndarray  # (hidden,) cell of each hidden value, in increasing order
     columns: np.ndarray  # (hidden,) its gene
     values: np.ndarray  # (hidden,) its true value
 
@@ -60,11 +60,13 @@ def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask:
     model.eval()
     measured = torch.from_numpy(np.asarray(measured_gene_mask)).to(device)
     predicted = np.empty(len(masked.values), dtype=np.float32)
-    for start in range(0, masked.cells.shape[0], batch_size):
+    starts = range(0, masked.cells.shape[0], batch_size)
+    # The hidden entries are sorted by cell: each batch's are one slice.
+    bounds = np.searchsorted(masked.rows, [*starts, masked.cells.shape[0]])
+    for start, begin, end in zip(starts, bounds[:-1], bounds[1:]):
         inputs = {name: tensor.to(device) for name, tensor in processor.pad(masked.cells[start : start + batch_size]).items()}
         reconstruction = model(**inputs, measured_gene_mask=measured).reconstruction.float().cpu().numpy()
-        in_batch = (masked.rows >= start) & (masked.rows < start + batch_size)
-        predicted[in_batch] = reconstruction[masked.rows[in_batch] - start, masked.columns[in_batch]]
+        predicted[begin:end] = reconstruction[masked.rows[begin:end] - start, masked.columns[begin:end]]
     return predicted
 
 

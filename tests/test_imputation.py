@@ -15,6 +15,7 @@ def test_a_tenth_of_each_cells_nonzeros_is_hidden_on_real_cells(pbmc3k, pbmc3k_p
     before, after = np.diff(cells.indptr), np.diff(masked.cells.indptr)
     np.testing.assert_array_equal(before - after, np.maximum(1, np.round(0.1 * before)))
     np.testing.assert_array_equal(np.bincount(masked.rows, minlength=300), before - after)
+    assert np.all(np.diff(masked.rows) >= 0)  # sorted by cell, as `impute_with_model` slices them
     np.testing.assert_array_equal(np.asarray(cells[masked.rows, masked.columns]).ravel(), masked.values)
     assert np.all(np.asarray(masked.cells[masked.rows, masked.columns]).ravel() == 0)
     assert (cells - masked.cells).nnz == len(masked.values)  # nothing else changed
@@ -54,6 +55,9 @@ def test_a_stage_one_model_predicts_every_hidden_value(pbmc3k, pbmc3k_processor)
     model = ScPaLMForPathwayReconstruction(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes))
     predicted = impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=16)
     assert predicted.shape == masked.values.shape and np.isfinite(predicted).all()
+    # A cell's reconstruction does not depend on its batch: every batch's slice lands on its own cells.
+    np.testing.assert_allclose(impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=64), predicted,
+                               rtol=1e-4, atol=1e-5)
     # The first cell's predictions are its own reconstruction's entries.
     inputs = pbmc3k_processor.pad(masked.cells[:1])
     with torch.no_grad():
