@@ -124,12 +124,15 @@ def print_table(title: str, columns: list[str], rows: list[list], note: str = ""
     """A markdown table, with the machine and commit it was measured on."""
     print(f"\n### {title}\n")
     print(f"{environment()}\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(_cell(value) for value in row) + " |")
+    print(markdown_table(columns, rows))
     if note:
         print(f"\n{note}")
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _cell(value) -> str:

@@ -7,28 +7,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# What `embed_anndata` can return per cell, from the model's output: h_C (the cell embedding), or what the ablations of
+# Tables 2 and 5 use instead (the pathway tokens averaged or concatenated, the encoder output before quantization), or
+# the code of each pathway token (pathway identification).
+REPRESENTATIONS = {
+    "cell_embedding": lambda output: output.cell_embedding,
+    "pathway_mean": lambda output: output.pathway_tokens.mean(1),
+    "pathway_concat": lambda output: output.pathway_tokens.flatten(1),
+    "encoder_mean": lambda output: output.pathway_hidden_states.mean(1),
+    "pathway_codes": lambda output: output.pathway_codes,
+}
+
 
 def embed_anndata(model, processor, adata, batch_size: int = 256, is_normalized: bool = False, layer: str | None = None,
-                  progress: bool = True) -> np.ndarray:
-    """(cells, hidden) cell embeddings h_C, computed in batches of cells with similar numbers of non-zero genes."""
+                  progress: bool = True, representation: str = "cell_embedding") -> np.ndarray:
+    """
+    One row per cell, computed in batches of cells with similar numbers of non-zero genes: by default h_C
+    `(cells, hidden)`; `representation` picks another of `REPRESENTATIONS` (`"pathway_codes"` gives `(cells, N)`
+    code indices).
+    """
     from tqdm.auto import tqdm
 
     from .processing_scpalm import anndata_gene_ids
 
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"Unknown representation {representation!r}: choose one of {sorted(REPRESENTATIONS)}.")
+    if representation == "pathway_codes" and not model.config.use_quantizer:
+        raise ValueError("This model has no quantizer (`config.use_quantizer` is False), so no pathway codes.")
     gene_ids = anndata_gene_ids(adata)
     cells, measured = processor.transform(adata.layers[layer] if layer else adata.X, adata.var_names, gene_ids, is_normalized)
     # Cells sorted by their non-zero count share a batch with cells of similar length: little padding.
     order = np.argsort(np.diff(cells.indptr), kind="stable")
     device = next(model.parameters()).device
     measured = torch.from_numpy(measured).to(device)
-    embeddings = np.empty((cells.shape[0], model.config.hidden_size), dtype=np.float32)
+    rows_out = None
     model.eval()
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, unit="batch"):
             rows = order[start : start + batch_size]
             inputs = {name: tensor.to(device) for name, tensor in processor.pad(cells[rows]).items()}
-            embeddings[rows] = model(**inputs, measured_gene_mask=measured).cell_embedding.float().cpu().numpy()
-    return embeddings
+            values = REPRESENTATIONS[representation](model(**inputs, measured_gene_mask=measured))
+            values = values.cpu().numpy() if representation == "pathway_codes" else values.float().cpu().numpy()
+            if rows_out is None:
+                rows_out = np.empty((cells.shape[0], *values.shape[1:]), dtype=values.dtype)
+            rows_out[rows] = values
+    return rows_out
 
 
 def embed(argv=None):

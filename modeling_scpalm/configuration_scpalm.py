@@ -51,8 +51,12 @@ class ScPaLMConfig(PreTrainedConfig):
         num_pathway_tokens (`int`): N, the number of tokens the embedding pools all genes of a cell into.
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob,
         attention_probs_dropout_prob, layer_norm_eps, initializer_range: transformer sizes (Table 4 of the paper).
-            `num_hidden_layers` is the depth of both encoders; 0 turns the pathway encoder off (ablation).
+            `num_hidden_layers` is the depth of the cell encoder (and by default of the others).
+        pathway_encoder_num_hidden_layers (`int`, *optional*): depth of the pathway encoder; defaults to
+            `num_hidden_layers`; 0 turns it off (the Table 3 ablation: tokens go from the embedding to the quantizer).
         decoder_num_hidden_layers (`int`, *optional*): depth of both decoders; defaults to `num_hidden_layers`.
+        share_value_projection (`bool`): one value projection P1 and scale alpha for all genes instead of one per
+            gene (the "shared first layer" of Table 6; the gene identity still enters through E_gene).
         codebook_size (`int`): K, the number of pathway codes.
         use_quantizer (`bool`): quantize the pathway tokens (turn off for the Table 3 ablation).
         commitment_beta (`float`): beta of eq. 1; the encoder is pulled to its code with weight beta and the code to
@@ -82,6 +86,7 @@ class ScPaLMConfig(PreTrainedConfig):
     num_pathway_tokens: int = 256
     hidden_size: int = 768
     num_hidden_layers: int = 12
+    pathway_encoder_num_hidden_layers: int | None = None
     decoder_num_hidden_layers: int | None = None
     num_attention_heads: int = 8
     intermediate_size: int = 3072
@@ -90,6 +95,7 @@ class ScPaLMConfig(PreTrainedConfig):
     attention_probs_dropout_prob: float | int = 0.0
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    share_value_projection: bool = False
     codebook_size: int = 128
     use_quantizer: bool = True
     commitment_beta: float = 0.0
@@ -103,6 +109,8 @@ class ScPaLMConfig(PreTrainedConfig):
     contrastive_max_negatives: int = 128
 
     def __post_init__(self, **kwargs):
+        if self.pathway_encoder_num_hidden_layers is None:
+            self.pathway_encoder_num_hidden_layers = self.num_hidden_layers
         if self.decoder_num_hidden_layers is None:
             self.decoder_num_hidden_layers = self.num_hidden_layers
         super().__post_init__(**kwargs)
@@ -141,7 +149,7 @@ class ScPaLMConfig(PreTrainedConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience"):
+        for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:

@@ -37,9 +37,12 @@ class ScPaLMEmbeddings(nn.Module):
         self.num_genes = config.num_genes
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // config.num_attention_heads
-        # Algorithm 1: P1, alpha, E_gene are per gene; e_zero and the value MLP are shared.
-        self.value_projection = nn.Parameter(torch.empty(config.num_genes, hidden))
-        self.value_scale = nn.Parameter(torch.empty(config.num_genes, hidden))
+        # Algorithm 1: P1, alpha, E_gene are per gene (P1 and alpha one row for all when shared, for Table 6);
+        # e_zero and the value MLP are shared.
+        self.share_value_projection = config.share_value_projection
+        value_rows = 1 if config.share_value_projection else config.num_genes
+        self.value_projection = nn.Parameter(torch.empty(value_rows, hidden))
+        self.value_scale = nn.Parameter(torch.empty(value_rows, hidden))
         self.value_mlp = nn.Sequential(
             nn.Linear(hidden, hidden), ACT2FN[config.hidden_act], nn.Linear(hidden, hidden)
         )
@@ -67,11 +70,17 @@ class ScPaLMEmbeddings(nn.Module):
 
     def _expressed_gene_vectors(self, gene_ids: torch.Tensor, gene_values: torch.Tensor) -> torch.Tensor:
         """(..., L) gene ids and values -> (..., L, hidden): lines 3-7 of Algorithm 1."""
-        # F.embedding rather than indexing: its backward accumulates into the (num_genes, hidden) tables far faster.
-        projection = F.embedding(gene_ids, self.value_projection)
+        projection = self._value_rows(self.value_projection, gene_ids)
         projected = F.leaky_relu(gene_values.unsqueeze(-1).to(projection.dtype) * projection)
-        value_part = F.embedding(gene_ids, self.value_scale) * projected + self.value_mlp(projected)
+        value_part = self._value_rows(self.value_scale, gene_ids) * projected + self.value_mlp(projected)
         return self._fuse(value_part, F.embedding(gene_ids, self.gene_embeddings))
+
+    def _value_rows(self, table: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
+        """The genes' rows of a per-gene value table, or its one shared row (broadcast)."""
+        if self.share_value_projection:
+            return table[0]
+        # F.embedding rather than indexing: its backward accumulates into the (num_genes, hidden) tables far faster.
+        return F.embedding(gene_ids, table)
 
     def _zero_gene_vectors(self) -> torch.Tensor:
         """(num_genes, hidden): every vocabulary gene as if measured at zero; the same for every cell."""

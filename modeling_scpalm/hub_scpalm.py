@@ -79,7 +79,7 @@ def write_model_card(model_dir, stage_dirs, dataset_dir, model_id, model_name, d
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=model_name,
         model_id=model_id,
-        preset=stages[0]["preset"] if stages else "custom",
+        preset=(stages[0]["preset"] if stages else None) or "custom",
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads,

@@ -499,7 +499,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
         self.embeddings = ScPaLMEmbeddings(config)
-        self.encoder = ScPaLMTransformer(config, config.num_hidden_layers)
+        self.encoder = ScPaLMTransformer(config, config.pathway_encoder_num_hidden_layers)
         self.quantizer = ScPaLMVectorQuantizer(config) if config.use_quantizer else None
         self.cell_encoder = ScPaLMCellEncoder(config)
         self.post_init()

@@ -93,3 +93,33 @@ def enrichment(code_genes: list[list[str]], gene_sets: dict[str, set[str]], univ
     for row in rows:
         row[4] = float(adjusted[row[4]])
     return sorted((tuple(row) for row in rows), key=lambda row: (row[4], row[3]))
+
+
+def identify_pathways(model, processor, adata, gene_sets, num_genes: int = 10, layer: str | None = None,
+                      is_normalized: bool = False, batch_size: int = 256):
+    """
+    The whole of Appendix D on a model and an AnnData: each cell's pathway codes, the code-by-gene association
+    (from the expression in `X` or `layers[layer]`), each code's `num_genes` top genes, and their over-representation
+    in `gene_sets` (a dict, or a GMT path such as Reactome's) against the genes of `adata`.
+
+    Returns:
+        a `pandas.DataFrame` with one row per (code, gene set) sharing genes, by adjusted p-value: `code`,
+        `top_genes` (the code's), `gene_set`, `overlap`, `p_value`, `adjusted_p_value` (Benjamini-Hochberg).
+    """
+    import pandas as pd
+
+    from .cli import embed_anndata
+
+    if isinstance(gene_sets, (str, Path)):
+        gene_sets = read_gmt(gene_sets)
+    codes = embed_anndata(model, processor, adata, batch_size, is_normalized, layer, progress=False,
+                          representation="pathway_codes")
+    expression = adata.layers[layer] if layer else adata.X
+    association = code_gene_association(codes, expression, model.config.codebook_size)
+    code_genes = top_genes(association, adata.var_names, num_genes)
+    rows = enrichment(code_genes, gene_sets, universe=adata.var_names)
+    columns = ["code", "top_genes", "gene_set", "overlap", "p_value", "adjusted_p_value"]
+    return pd.DataFrame(
+        [(code, ", ".join(code_genes[code]), name, ", ".join(overlap), p, adjusted) for code, name, overlap, p, adjusted in rows],
+        columns=columns,
+    )

@@ -11,6 +11,9 @@ Each stage writes `output_dir/stage_<n>/` (model, processor, `log.jsonl`) and ch
 `output_dir/checkpoints/stage_<n>/step_<k>`; `--resume_from_checkpoint latest` continues a killed run exactly.
 The run ends by writing `output_dir/model`: the last stage's model and processor with a filled model card
 (README.md from `hub_cards/model_card.md`), which `--push_to_hub` uploads.
+
+`--init_from <an earlier run's output_dir>` adapts a pretrained model to new data without labels: both stages
+continue from that run's weights (and keep its gene vocabulary; genes outside it are dropped and reported).
 """
 
 import argparse
@@ -39,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")
     model.add_argument("--stage", choices=["1", "2", "both"], default="both")
     model.add_argument("--stage_one_model", help="with --stage 2: the stage-1 folder to start from")
+    model.add_argument("--config_overrides", help="config fields to change, e.g. 'use_quantizer=false,pathway_encoder_num_hidden_layers=0'"
+                       " (applied to every stage's config: the ablations of Tables 2, 3, 5 and 6)")
+    model.add_argument("--init_from", help="an earlier run's output_dir: continue from its weights and vocabulary "
+                       "(self-supervised adaptation to the new files; --preset is then ignored)")
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
     training.add_argument("--per_device_batch_size", type=int, default=128)
@@ -55,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--logging_steps", type=int, default=10)
     training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
     training.add_argument("--num_workers", type=int, default=0)
+    training.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                          help="batch cells of similar non-zero counts together (less padding; on by default)")
     training.add_argument("--seed", type=int, default=0)
     hub = parser.add_argument_group("sharing (the run ends by writing output_dir/model: model, processor, model card)")
     hub.add_argument("--push_to_hub", action="store_true", help="upload output_dir/model to the Hub at the end")
@@ -68,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
     if args.stage == "2" and not args.stage_one_model:
         parser.error("--stage 2 needs --stage_one_model, the folder stage 1 wrote")
+    if args.init_from:
+        missing = [f"{args.init_from}/{stage}" for stage in ("stage_1", "stage_2")
+                   if not (Path(args.init_from) / stage / "config.json").is_file()]
+        if missing:
+            parser.error(f"--init_from needs a finished run's output_dir; missing {', '.join(missing)}")
+        if args.stage_one_model or args.dataset_dir:
+            parser.error("--init_from takes the vocabulary and weights from that run: drop --stage_one_model/--dataset_dir")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.resume_from_checkpoint:
         parser.error(f"{output_dir} exists and is not empty: choose a new --output_dir, or --resume_from_checkpoint")
@@ -102,10 +118,12 @@ def main(argv=None):
     dataset_dir = Path(args.dataset_dir) if args.dataset_dir else output_dir / "dataset"
     if args.train_file and accelerator.is_main_process and not dataset_dir.exists():
         from .data_scpalm import build_pretraining_dataset
+        from .processing_scpalm import ScPaLMProcessor
 
         _, report = build_pretraining_dataset(
             args.train_file,
             dataset_dir,
+            processor=ScPaLMProcessor.from_pretrained(Path(args.init_from) / "stage_1") if args.init_from else None,
             eval_fraction=args.eval_fraction,
             is_normalized=args.is_normalized,
             layer=args.layer,
@@ -119,12 +137,12 @@ def main(argv=None):
 
     dataset, panels = load_pretraining_dataset(dataset_dir)
     processor = ScPaLMProcessor.from_pretrained(dataset_dir)
-    mean_expression = _mean_expression(dataset["train"], processor.num_genes)
+    mean_expression, lengths = _training_statistics(dataset["train"], processor.num_genes)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     stage_dirs = [Path(args.stage_one_model)] if args.stage_one_model else []
     for stage in stages:
         previous = stage_dirs[-1] if stage_dirs else None
-        stage_dirs.append(run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, previous))
+        stage_dirs.append(run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, lengths, previous))
 
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
@@ -138,7 +156,7 @@ def main(argv=None):
     return model_dir
 
 
-def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, stage_one_dir):
+def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, lengths, stage_one_dir):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -146,6 +164,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
 
     from .collator_scpalm import ScPaLMDataCollator
     from .configuration_scpalm import ScPaLMConfig
+    from .data_scpalm import LengthGroupedSampler
     from .hub_scpalm import TRAINING_SUMMARY_FILE
     from .modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
 
@@ -157,12 +176,26 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     # A stage's initialisation and data order depend on the seed alone, not on whether the stage before it ran in
     # this process: a run resumed in stage 2 builds what the unbroken run built.
     set_seed(args.seed + stage)
-    if stage == 1:
-        model = ScPaLMForPathwayReconstruction(ScPaLMConfig.from_preset(args.preset, num_genes=processor.num_genes))
-        model.decoder.initialize_gene_bias(mean_expression)
+    # Stage 1 starts fresh from the preset, or from the earlier run's stage 1; stage 2 from this run's stage 1.
+    init_dir = Path(args.init_from) / f"stage_{stage}" if args.init_from else None
+    source_dir = init_dir or (stage_one_dir if stage == 2 else None)
+    if source_dir is None:
+        config = ScPaLMConfig.from_preset(args.preset, num_genes=processor.num_genes)
     else:
-        model = ScPaLMForCellPretraining.from_pretrained(stage_one_dir)
-        model.cell_decoder.initialize_gene_bias(mean_expression)
+        config = ScPaLMConfig.from_pretrained(source_dir)
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+        config.validate()
+    model_class = ScPaLMForPathwayReconstruction if stage == 1 else ScPaLMForCellPretraining
+    model = model_class(config) if source_dir is None else model_class.from_pretrained(source_dir, config=config)
+    if stage == 2 and init_dir:
+        # The earlier run's stage 2 (cell encoder, decoder, k-means queue) on top of this run's adapted stage 1.
+        adapted = ScPaLMForPathwayReconstruction.from_pretrained(stage_one_dir).scpalm
+        for module, adapted_module in zip(model.scpalm.pathway_modules(), adapted.pathway_modules()):
+            module.load_state_dict(adapted_module.state_dict())
+    elif init_dir is None:
+        # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
+        (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(mean_expression)
     collator = ScPaLMDataCollator.for_stage(model.config, panels, stage, seed=args.seed)
     loader_options = {
         "batch_size": args.per_device_batch_size,
@@ -170,7 +203,11 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         "num_workers": args.num_workers,
         "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
     }
-    train_loader = DataLoader(dataset["train"], shuffle=True, drop_last=True, **loader_options)
+    if args.group_by_length:
+        sampler = LengthGroupedSampler(lengths, args.per_device_batch_size, seed=args.seed + stage)
+        train_loader = DataLoader(dataset["train"], sampler=sampler, drop_last=True, **loader_options)
+    else:
+        train_loader = DataLoader(dataset["train"], shuffle=True, drop_last=True, **loader_options)
     eval_loader = DataLoader(dataset["eval"], **loader_options) if "eval" in dataset else None
 
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -255,11 +292,14 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         processor.save_pretrained(stage_dir)
         summary = {
             "stage": stage,
-            "preset": args.preset,
+            "preset": None if args.init_from else args.preset,
+            "init_from": args.init_from,
+            "config_overrides": args.config_overrides,
             "steps": completed_steps,
             "batch_size": total_batch_size,
             "learning_rate": learning_rate,
             "num_processes": accelerator.num_processes,
+            "group_by_length": args.group_by_length,
             "mixed_precision": accelerator.mixed_precision,
             "train_loss": round(record["loss"], 5),
             "eval_loss": round(eval_record["eval_loss"], 5) if eval_loader is not None else None,
@@ -320,12 +360,14 @@ def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | No
     return saved[-1] if saved else None
 
 
-def _mean_expression(train, num_genes: int) -> torch.Tensor:
-    """Each vocabulary gene's mean log-normalised value over the training cells, in one pass over the data."""
-    totals = np.zeros(num_genes)
+def _training_statistics(train, num_genes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Each vocabulary gene's mean log-normalised value over the training cells, and each cell's number of non-zero
+    genes (for length-grouped batches), in one pass over the data."""
+    totals, lengths = np.zeros(num_genes), []
     for batch in train.with_format("numpy").iter(batch_size=10_000):
         totals += np.bincount(np.concatenate(batch["gene_ids"]), np.concatenate(batch["gene_values"]), num_genes)
-    return torch.from_numpy(totals / max(len(train), 1)).float()
+        lengths.extend(len(genes) for genes in batch["gene_ids"])
+    return torch.from_numpy(totals / max(len(train), 1)).float(), np.asarray(lengths)
 
 
 if __name__ == "__main__":

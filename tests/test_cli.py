@@ -81,3 +81,26 @@ def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path):
     with pytest.raises(ValueError, match="non-integer values"):
         main(["embed", "--model", str(folder), "--input", str(tmp_path / "normalised.h5ad"), "--output", str(tmp_path / "o.h5ad")])
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cells_file, pbmc3k_processor):
+    from modeling_scpalm import embed_anndata
+
+    _, model = saved_model
+    _, cells = cells_file
+    cells = cells[:40]
+    with torch.no_grad():
+        output = model(**pbmc3k_processor(cells))
+    tokens = output.pathway_tokens.numpy()
+    expected = {
+        "pathway_mean": tokens.mean(1),
+        "pathway_concat": tokens.reshape(len(cells), -1),
+        "encoder_mean": output.pathway_hidden_states.numpy().mean(1),
+        "pathway_codes": output.pathway_codes.numpy(),
+    }
+    for representation, values in expected.items():
+        got = embed_anndata(model, pbmc3k_processor, cells, batch_size=16, progress=False, representation=representation)
+        np.testing.assert_allclose(got, values, atol=1e-5, rtol=1e-4, err_msg=representation)
+    assert embed_anndata(model, pbmc3k_processor, cells, progress=False, representation="pathway_codes").dtype == np.int64
+    with pytest.raises(ValueError, match="choose one of"):
+        embed_anndata(model, pbmc3k_processor, cells, representation="mean")

@@ -51,6 +51,27 @@ def test_sparse_path_equals_dense_path_with_a_panel_per_cell(model, tiny_config)
     torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-5, rtol=1e-4)
 
 
+def test_shared_first_layer_has_one_value_row_and_keeps_sparse_equal_to_dense(tiny_config):
+    config = copy.deepcopy(tiny_config)
+    config.share_value_projection = True
+    torch.manual_seed(0)
+    shared = ScPaLMModel(config).eval()
+    assert shared.embeddings.value_projection.shape == (1, config.hidden_size)
+    assert shared.embeddings.value_scale.shape == (1, config.hidden_size)
+    dense = random_cells(4, config.num_genes, seed=6)
+    measured = torch.ones(config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        shared.embeddings.value_projection.add_(0.3 * torch.randn_like(shared.embeddings.value_projection))
+        sparse_tokens = shared.embeddings(**sparse_inputs(dense), measured_gene_mask=measured)
+        dense_tokens = dense_reference(shared.embeddings, dense, measured)
+    torch.testing.assert_close(sparse_tokens, dense_tokens, atol=1e-5, rtol=1e-4)
+    # Two genes at the same value differ only through their identity E_gene: make those equal, the vectors agree.
+    with torch.no_grad():
+        shared.embeddings.gene_embeddings[1] = shared.embeddings.gene_embeddings[0]
+        vectors = shared.embeddings._expressed_gene_vectors(torch.tensor([0, 1]), torch.tensor([1.5, 1.5]))
+    torch.testing.assert_close(vectors[0], vectors[1])
+
+
 def test_sparse_path_gradients_equal_dense_path_gradients(tiny_config):
     torch.manual_seed(0)
     embeddings = ScPaLMEmbeddings(tiny_config)

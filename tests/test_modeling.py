@@ -44,6 +44,21 @@ def test_model_output_shapes(tiny_config, inputs):
     assert ScPaLMModel(tiny_config)(**inputs, kept_token_indices=kept).last_hidden_state.shape == (BATCH, 6, hidden)
 
 
+def test_ablation_configs_turn_off_the_pathway_encoder_and_the_quantizer(tiny_config, inputs):
+    config = copy.deepcopy(tiny_config)
+    config.pathway_encoder_num_hidden_layers = 0
+    config.use_quantizer = False
+    torch.manual_seed(0)
+    model = ScPaLMModel(config).eval()
+    assert len(model.encoder.layers) == 0 and model.quantizer is None
+    assert len(model.cell_encoder.transformer.layers) == config.num_hidden_layers  # h_C still aggregates
+    with torch.no_grad():
+        output = model(**inputs)
+        tokens = model.encoder.norm(model.embeddings(**inputs, measured_gene_mask=torch.ones(config.num_genes, dtype=torch.bool)))
+    torch.testing.assert_close(output.pathway_tokens, tokens)  # embedding straight to the cell encoder
+    assert output.pathway_codes is None and output.cell_embedding.std(0).min() > 0
+
+
 def test_stage_one_output(tiny_config, inputs):
     output = ScPaLMForPathwayReconstruction(tiny_config)(**inputs)
     assert output.reconstruction.shape == (BATCH, tiny_config.num_genes)

@@ -66,6 +66,29 @@ def test_reactome_gmt_reads():
     assert len(gene_sets) == 1654 and all(gene == gene.upper() for genes in gene_sets.values() for gene in genes)
 
 
+def test_identify_pathways_runs_appendix_d_on_a_model_and_cells(pbmc3k, pbmc3k_processor):
+    import torch
+
+    from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+    from modeling_scpalm.pathways import identify_pathways
+
+    torch.manual_seed(0)
+    model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes)).eval()
+    cells = pbmc3k[:150].copy()
+    reactome = data_file("gene_sets/c2.cp.reactome.v2023.1.Hs.symbols.gmt.gz")
+    table = identify_pathways(model, pbmc3k_processor, cells, reactome, num_genes=5, batch_size=64)
+    # The same, step by step: the model's codes, the association, top genes, enrichment.
+    with torch.no_grad():
+        codes = model(**pbmc3k_processor(cells)).pathway_codes.numpy()
+    association = code_gene_association(codes, cells.X, model.config.codebook_size)
+    rows = enrichment(top_genes(association, cells.var_names, 5), read_gmt(reactome), cells.var_names)
+    assert len(table) == len(rows) > 0
+    assert list(table.columns) == ["code", "top_genes", "gene_set", "overlap", "p_value", "adjusted_p_value"]
+    for (_, row), (code, name, overlap, p_value, adjusted) in zip(table.iterrows(), rows):
+        assert (row.code, row.gene_set, row.overlap) == (code, name, ", ".join(overlap))
+        assert row.adjusted_p_value == pytest.approx(adjusted) and row.p_value == pytest.approx(p_value)
+
+
 def test_bad_codes_name_the_problem():
     with pytest.raises(ValueError, match="must lie in"):
         code_gene_association(np.array([[0, 5]]), np.ones((1, 3)), 4)

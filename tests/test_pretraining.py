@@ -163,6 +163,51 @@ def test_two_cpu_processes_train_both_stages(dataset_dir, tmp_path):
     assert (output / "stage_1" / "model.safetensors").exists() and (output / "stage_2" / "model.safetensors").exists()
 
 
+def test_init_from_adapts_a_finished_run_to_new_files(unbroken_run, tmp_path):
+    import anndata as ad
+
+    # Other cells, with the genes in another order and two genes the vocabulary lacks.
+    cells = ad.read_h5ad(data_file("scrna/pbmc3k_2638.h5ad"))[1000:1300].copy()
+    cells = cells[:, cells.var_names[::-1]].copy()
+    cells.var_names = [*cells.var_names[:-2], "NOT_A_GENE_1", "NOT_A_GENE_2"]
+    cells.var["gene_ids"] = [*cells.var["gene_ids"][:-2], "none_1", "none_2"]
+    cells.write_h5ad(tmp_path / "new.h5ad")
+    output = tmp_path / "adapted"
+    main(["--train_file", str(tmp_path / "new.h5ad"), "--output_dir", str(output), "--init_from", str(unbroken_run),
+          "--per_device_batch_size", "32", "--max_steps", "2", "--eval_steps", "2", "--seed", "3"])
+    # The earlier run's vocabulary, reported with the genes it could not place.
+    vocabulary = "preprocessor_config.json"
+    assert (output / "model" / vocabulary).read_text() == (unbroken_run / "model" / vocabulary).read_text()
+    assert "13,712 of 13,714 input genes" in (output / "dataset" / "build_report.txt").read_text()
+    before, after = weights(unbroken_run / "stage_2"), weights(output / "stage_2")
+    assert before.keys() == after.keys()
+    # Stage 1 continued (its weights moved, from where the earlier run left them, not from a fresh start) ...
+    first_before, first_after = weights(unbroken_run / "stage_1"), weights(output / "stage_1")
+    key = "scpalm.embeddings.token_queries"
+    assert not torch.equal(first_before[key], first_after[key])
+    assert (first_after[key] - first_before[key]).abs().max() < 0.05
+    # ... stage 2 took its frozen pathway modules from the adapted stage 1 and continued its own parts.
+    torch.testing.assert_close(after[key], first_after[key])
+    assert not torch.equal(after["scpalm.cell_encoder.cell_token"], before["scpalm.cell_encoder.cell_token"])
+    assert (after["scpalm.cell_encoder.cell_token"] - before["scpalm.cell_encoder.cell_token"]).abs().max() < 0.05
+    summary = json.loads((output / "stage_1" / "training_summary.json").read_text())
+    assert summary["init_from"] == str(unbroken_run) and summary["preset"] is None
+
+
+def test_config_overrides_build_the_ablation_models(dataset_dir, tmp_path):
+    from transformers import AutoConfig
+
+    output = tmp_path / "ablation"
+    main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny", "--max_steps", "2",
+          "--per_device_batch_size", "32", "--eval_steps", "2",
+          "--config_overrides", "pathway_encoder_num_hidden_layers=0,use_quantizer=false,contrastive_loss_weight=0"])
+    config = AutoConfig.from_pretrained(output / "model", trust_remote_code=True)
+    assert (config.pathway_encoder_num_hidden_layers, config.use_quantizer, config.contrastive_loss_weight) == (0, False, 0)
+    assert config.num_hidden_layers == 2  # the cell encoder keeps its depth
+    assert not any(key.startswith("scpalm.quantizer") for key in weights(output / "stage_2"))
+    assert '"contrastive_loss"' not in (output / "stage_2" / "log.jsonl").read_text()
+
+
 def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch, capsys):
     import huggingface_hub
 
@@ -176,5 +221,8 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--train_file", "a.h5ad", "--output_dir", str(tmp_path / "o"), "--init_from", str(tmp_path)])
+    assert "stage_1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not found"):
         main(["--train_file", str(tmp_path / "missing.h5ad"), "--output_dir", str(tmp_path / "new")])

@@ -1,0 +1,88 @@
+"""The peers of the downstream benchmark, each run as its users run it, on the same cells as scPaLM.
+
+Cell representations: PCA of the log-normalised values (all genes, as the paper: 256 components; also 50) and scVI
+(scvi-tools, on its usual 2,000 highly variable genes of the raw counts). Imputation: MAGIC (magic-impute) and a
+kNN-smoothing baseline (each hidden value predicted by the mean of the cell's nearest neighbours in PCA space), both
+fitted on the masked cells alone. scVI and MAGIC are the `peers` extra; without it their rows say how to get them.
+"""
+
+import numpy as np
+import scipy.sparse as sp
+
+PEERS_EXTRA = "pip install 'scpalm[peers]'"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer's package is not installed; the report shows the message instead of numbers."""
+
+
+def log_normalize(counts, target_sum: float = 1e4) -> sp.csr_matrix:
+    """log1p of counts scaled to `target_sum` per cell: scanpy's normalize_total + log1p, the processor's transform."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scaled = sp.diags(target_sum / np.maximum(totals, 1e-12)) @ counts
+    scaled.data = np.log1p(scaled.data)
+    return sp.csr_matrix(scaled, dtype=np.float32)
+
+
+def pca(log_normalized, num_components: int, seed: int = 0) -> np.ndarray:
+    """The first principal components of the log-normalised values (no scaling, no gene selection)."""
+    import scanpy as sc
+
+    num_components = min(num_components, min(log_normalized.shape) - 1)
+    return sc.pp.pca(sp.csr_matrix(log_normalized), n_comps=num_components, random_state=seed)
+
+
+def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int = 2000) -> np.ndarray:
+    """scVI's latent means (10 dimensions) of the cells, trained on their highly variable genes' raw counts."""
+    try:
+        import scvi
+    except ImportError as error:
+        raise PeerUnavailable(f"scvi-tools is not installed ({PEERS_EXTRA})") from error
+    import scanpy as sc
+
+    adata = counts_adata.copy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    if adata.n_vars > num_top_genes:
+        try:
+            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True)
+        except ValueError:  # the loess fit can be singular on a few hundred cells: smooth over all of them
+            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, span=1.0)
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata)
+    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, logger=False,
+                enable_checkpointing=False)
+    return model.get_latent_representation()
+
+
+def magic_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MAGIC's smoothed values (default settings) at the hidden entries, from the masked log-normalised cells."""
+    try:
+        import magic
+    except ImportError as error:
+        raise PeerUnavailable(f"magic-impute is not installed ({PEERS_EXTRA})") from error
+
+    n_pca = min(100, min(masked_cells.shape) - 1)
+    operator = magic.MAGIC(n_pca=n_pca, random_state=seed, verbose=0)
+    smoothed = operator.fit_transform(sp.csr_matrix(masked_cells), genes="all_genes")
+    return np.asarray(smoothed)[rows, columns]
+
+
+def knn_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray, num_neighbors: int = 15,
+                   num_components: int = 50, seed: int = 0) -> np.ndarray:
+    """Each hidden value as the mean of that gene over the cell's `num_neighbors` nearest cells (PCA space)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    embedding = pca(masked_cells, num_components, seed)
+    num_neighbors = min(num_neighbors, masked_cells.shape[0] - 1)
+    # The first neighbour of a cell is itself, whose value was hidden: left out.
+    _, neighbors = NearestNeighbors(n_neighbors=num_neighbors + 1).fit(embedding).kneighbors(embedding)
+    neighbors = neighbors[:, 1:]
+    cells = sp.csc_matrix(masked_cells)
+    predicted = np.empty(len(rows), dtype=np.float64)
+    for gene in np.unique(columns):
+        at_gene = np.flatnonzero(columns == gene)
+        values = cells[:, gene].toarray().ravel()
+        predicted[at_gene] = values[neighbors[rows[at_gene]]].mean(axis=1)
+    return predicted
