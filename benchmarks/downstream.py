@@ -30,10 +30,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import peers
-import torch
-from _common import DATA_DIR, PeakTensorMemory, environment, markdown_table, mib
+# Progress bars of dozens of training runs would bury the results (tqdm reads this when first imported).
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import peers  # noqa: E402
+import torch  # noqa: E402
+from _common import DATA_DIR, PeakTensorMemory, environment, markdown_table, mib  # noqa: E402
 
 REACTOME = "gene_sets/c2.cp.reactome.v2023.1.Hs.symbols.gmt.gz"
 
@@ -90,7 +93,6 @@ def main(argv=None):
     import matplotlib
 
     matplotlib.use("Agg")
-    os.environ.setdefault("TQDM_DISABLE", "1")
     datasets.disable_progress_bars()
     args = parse_args(argv)
     bench = Benchmark(args)

@@ -39,3 +39,60 @@ def test_peak_tensor_memory_counts_live_storage_only():
                 z = work(x)
         assert tracker.peak == 8_000_000 and tracker.current == 4_000_000, mode
         del z
+
+
+@pytest.mark.slow
+def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
+    import json
+
+    from downstream import main
+
+    output = tmp_path / "report"
+    main(["--output_dir", str(output), "--quick"])
+    report = (output / "report.md").read_text()
+    results = json.loads((output / "results.json").read_text())
+    methods = {row["method"] for row in results["annotation"] if "ari" in row}
+    assert {"scPaLM zero-shot", "scPaLM adapted", "scPaLM (trained on it)", "PCA (256)", "PCA (50)"} <= methods
+    assert {"h_C", "h_C, no contrastive loss", "pathway tokens, mean", "h_C, no_encoder_no_quantizer"} <= set(results["ablations"])
+    imputation = {row["method"]: row for row in results["imputation"]}
+    assert all(0 < imputation[name]["rmse"] < 5 for name in ("scPaLM zero-shot", "kNN smoothing (15 neighbours)", "gene mean"))
+    # The per-gene embedding costs more than pooling into N tokens, at the same batch.
+    memory = {row["embedding"]: row["peak_mib"] for row in results["memory"]}
+    assert memory["per-gene tokens"] > memory["permutation-invariant"]
+    for section in ("Unsupervised cell-type annotation", "Ablations", "Embedding memory", "Imputation", "Pathway identification"):
+        assert f"## {section}" in report or f"### {section}" in report
+    figures = {path.name for path in (output / "figures").iterdir()}
+    assert {"annotation.png", "imputation.png", "umap_pbmc3k.png"} <= figures
+    with pytest.raises(SystemExit):  # the folder now exists: refused without --resume
+        main(["--output_dir", str(output), "--quick"])
+
+
+@pytest.mark.slow
+def test_drug_response_benchmark_writes_its_report(tmp_path):
+    import json
+
+    pytest.importorskip("rdkit")
+    from drug_response import main
+
+    from modeling_scpalm import ScPaLMConfig, ScPaLMModel, ScPaLMProcessor
+    from modeling_scpalm.drug_response import load_drug_response_data
+
+    from .conftest import data_file
+
+    # An untrained model over the census genes stands in for a pretrained one (pretraining is tested elsewhere).
+    genes = list(load_drug_response_data(data_file("drug_response")).log2_tpm.columns)
+    processor = ScPaLMProcessor(genes)
+    torch.manual_seed(0)
+    ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=processor.num_genes)).save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    output = tmp_path / "report"
+    main(["--output_dir", str(output), "--quick", "--scpalm_model", str(tmp_path / "model"),
+          "--variants", "expression (DeepCDR)", "scPaLM embedding"])
+    results = json.loads((output / "results.json").read_text())
+    runs = {(run["split"], run["variant"]): run for run in results["runs"]}
+    assert set(runs) == {(split, variant) for split in ("random", "cell_line")
+                         for variant in ("drug mean (baseline)", "expression (DeepCDR)", "scPaLM embedding")}
+    assert all(-1 <= run["pcc"] <= 1 and run["rmse"] > 0 for run in runs.values())
+    assert "689 of 689" in results["scpalm_gene_match"]
+    assert {path.name for path in (output / "figures").iterdir()} == {"figure6_pcc_by_group.png", "figure7_best_cancer_type.png"}
+    assert "| random | expression (DeepCDR) |" in (output / "report.md").read_text()
