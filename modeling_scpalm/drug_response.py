@@ -130,7 +130,6 @@ class DrugGCN(nn.Module):
         self.convolutions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(size) for size in units)
         self.dropout = nn.Dropout(dropout)
-        self.output_size = units[-1]
 
     def forward(self, atom_features: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor,
                 drug_of_atom: torch.Tensor) -> torch.Tensor:
