@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py                          # tiny preset, all 2,638 pbmc3k cells, CPU
     python benchmarks/inference.py --preset paper --device cuda --batch_size 128
+    python benchmarks/inference.py --compile                # adds scPaLM under torch.compile (inductor)
     python benchmarks/inference.py --quick                  # seconds: what CI runs
 
 The peers are BERT encoders (Transformers' `BertModel`, SDPA attention) fed the way those models read a cell:
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time scPaLM under torch.compile (dynamic "
+                        "shapes: one compilation for every batch length; its compile time is in the warm-up)")
     parser.add_argument("--quick", action="store_true", help="32 cells, one repeat: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -57,19 +60,26 @@ def main(argv=None):
         "scGPT-shaped, ragged": (ScGPTShaped(config), scgpt_inputs(cells, batches, ragged=True)),
         "scGPT-shaped, full 1,200": (ScGPTShaped(config), scgpt_inputs(cells, batches, ragged=False)),
     }
+    if args.compile:
+        scpalm, inputs = models["scPaLM"]
+        models = {"scPaLM": models["scPaLM"], "scPaLM, torch.compile": (torch.compile(scpalm, dynamic=True), inputs),
+                  **models}
     results = {}
     for name, (model, inputs) in models.items():
         model = model.to(device=device, dtype=dtype).eval()
         inputs = [{key: value.to(device) for key, value in batch.items()} for batch in inputs]
         longest = max(inputs, key=lambda batch: next(iter(batch.values())).shape[1])
+        compiled = name.endswith("torch.compile")
         with torch.no_grad():
             elapsed = seconds(partial(_embed_all, model, inputs), repeats=args.repeats)
-            memory = peak_memory(partial(_embed_all, model, [longest]), device)
+            # Off CUDA, memory is counted by a dispatch mode, under which compiled code runs eagerly: not its memory.
+            memory = None if compiled and device.type != "cuda" else peak_memory(partial(_embed_all, model, [longest]), device)
         results[name] = (elapsed, memory, np.mean([_tokens(name, batch, config) for batch in inputs]))
 
     reference_time, reference_memory, _ = results["Geneformer-shaped, ragged"]
     rows = [
-        [name, f"{tokens:,.0f}", len(order) / elapsed, reference_time / elapsed, mib(memory), memory / reference_memory]
+        [name, f"{tokens:,.0f}", len(order) / elapsed, reference_time / elapsed]
+        + (["not measured"] * 2 if memory is None else [mib(memory), memory / reference_memory])
         for name, (elapsed, memory, tokens) in results.items()
     ]
     print_table(
@@ -78,7 +88,8 @@ def main(argv=None):
         ["model", "tokens per cell", "cells/s", "speed vs Geneformer ragged", "peak MiB (longest batch)", "memory vs Geneformer ragged"],
         rows,
         note="scPaLM's tokens: N pathway tokens per encoder (its embedding reads every expressed gene). "
-        f"Command: python benchmarks/inference.py --preset {args.preset} --batch_size {args.batch_size} --dtype {args.dtype}",
+        f"Command: python benchmarks/inference.py --preset {args.preset} --batch_size {args.batch_size} --dtype {args.dtype}"
+        + (" --compile" if args.compile else ""),
     )
     return results
 
@@ -89,7 +100,7 @@ def _embed_all(model, batches):
 
 
 def _tokens(name, batch, config) -> float:
-    if name == "scPaLM":
+    if name.startswith("scPaLM"):
         return config.num_pathway_tokens
     return float(batch["attention_mask"].sum(1).float().mean())
 

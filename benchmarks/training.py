@@ -2,6 +2,7 @@
 
     python benchmarks/training.py                          # tiny and small on CPU, batch 64
     python benchmarks/training.py --presets paper --device cuda --dtype bfloat16 --batch_size 128
+    python benchmarks/training.py --compile                # adds each stage under torch.compile (inductor)
     python benchmarks/training.py --quick                  # seconds: what CI runs
 
 Batches come from pbmc3k through the pretraining dataset and collator (random cells, as in training); they are
@@ -24,6 +25,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up steps)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time each stage under torch.compile (dynamic "
+                        "shapes; compilation happens in the warm-up steps)")
     parser.add_argument("--quick", action="store_true", help="tiny only, small batches: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -36,16 +39,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         dataset_dir = pbmc3k_dataset(Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None)
         results = measure(args, dataset_dir)
-    reference = results[args.presets[0], 1]
+    reference = results[args.presets[0], 1, "eager"]
     rows = [
-        [preset, stage, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds, reference / step_seconds]
-        for (preset, stage), step_seconds in results.items()
+        [preset, stage, mode, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds, reference / step_seconds]
+        for (preset, stage, mode), step_seconds in results.items()
     ]
     print_table(
         f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.dtype}, {args.device})",
-        ["preset", "stage", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1"],
+        ["preset", "stage", "mode", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1, eager"],
         rows,
-        note=f"Command: python benchmarks/training.py --presets {' '.join(args.presets)} --batch_size {args.batch_size}",
+        note=f"Command: python benchmarks/training.py --presets {' '.join(args.presets)} --batch_size {args.batch_size}"
+        + (" --compile" if args.compile else ""),
     )
     return results
 
@@ -69,14 +73,18 @@ def measure(args, dataset_dir):
     for preset in args.presets:
         config = ScPaLMConfig.from_preset(preset, num_genes=num_genes)
         for stage, model_class in ((1, ScPaLMForPathwayReconstruction), (2, ScPaLMForCellPretraining)):
-            torch.manual_seed(0)
-            model = model_class(config).to(device).train()
             collator = ScPaLMDataCollator.for_stage(config, panels, stage, seed=0)
+            torch.manual_seed(0)
             loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
             batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            step = partial(training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
-            results[preset, stage] = seconds(step, repeats=args.steps, warmup=2)
+            for mode in ("eager", "torch.compile") if args.compile else ("eager",):
+                torch.manual_seed(0)
+                model = model_class(config).to(device).train()
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                if mode == "torch.compile":
+                    model = torch.compile(model, dynamic=True)
+                step = partial(training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
+                results[preset, stage, mode] = seconds(step, repeats=args.steps, warmup=2)
     return results
 
 

@@ -156,6 +156,29 @@ def main(argv=None):
     return model_dir
 
 
+def _cell_model_from_stage_one(stage_one_dir, config):
+    """
+    Stage 2's model on stage 1's weights. Its heads (cell decoder, mask token, contrastive head) are new by design,
+    so transformers' missing-weights report, a warning listing each, is silenced; anything else missing is an error.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    from .modeling_scpalm import PRETRAINING_HEAD_KEYS, ScPaLMForCellPretraining
+
+    load_logger = transformers_logging.get_logger("transformers.modeling_utils")
+    level = load_logger.level
+    load_logger.setLevel(transformers_logging.ERROR)
+    try:
+        model, loading_info = ScPaLMForCellPretraining.from_pretrained(stage_one_dir, config=config, output_loading_info=True)
+    finally:
+        load_logger.setLevel(level)
+    missing = [key for key in loading_info["missing_keys"] if not any(re.search(head, key) for head in PRETRAINING_HEAD_KEYS)]
+    if missing:
+        raise ValueError(f"{stage_one_dir} lacks weights stage 2 needs ({', '.join(missing[:5])}, ...): is it a stage-1 "
+                         "folder of an scPaLM run?")
+    return model
+
+
 def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, lengths, stage_one_dir):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
@@ -187,7 +210,12 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         config.update_from_string(args.config_overrides)
         config.validate()
     model_class = ScPaLMForPathwayReconstruction if stage == 1 else ScPaLMForCellPretraining
-    model = model_class(config) if source_dir is None else model_class.from_pretrained(source_dir, config=config)
+    if source_dir is None:
+        model = model_class(config)
+    elif stage == 2 and init_dir is None:
+        model = _cell_model_from_stage_one(stage_one_dir, config)
+    else:
+        model = model_class.from_pretrained(source_dir, config=config)
     if stage == 2 and init_dir:
         # The earlier run's stage 2 (cell encoder, decoder, k-means queue) on top of this run's adapted stage 1.
         adapted = ScPaLMForPathwayReconstruction.from_pretrained(stage_one_dir).scpalm

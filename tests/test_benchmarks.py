@@ -15,9 +15,14 @@ def benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
 
 
-@pytest.mark.parametrize("script", ["inference", "vocabulary", "training", "data_pipeline"])
-def test_benchmark_runs_and_prints_its_table(script, monkeypatch, capsys, pbmc3k):
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--quick"])
+@pytest.mark.parametrize(
+    "script, options",
+    [("inference", []), ("vocabulary", []), ("training", []), ("data_pipeline", []),
+     pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
+     pytest.param("training", ["--compile"], marks=pytest.mark.slow)],
+)
+def test_benchmark_runs_and_prints_its_table(script, options, monkeypatch, capsys, pbmc3k):
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--quick", *options])
     runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
     printed = capsys.readouterr().out
     assert printed.count("\n| ") >= 3 and "Command: python benchmarks/" in printed
