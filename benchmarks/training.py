@@ -5,7 +5,8 @@
     python benchmarks/training.py --compile                # adds each stage under torch.compile (inductor)
     python benchmarks/training.py --quick                  # seconds: what CI runs
 
-Batches come from pbmc3k through the pretraining dataset and collator (random cells, as in training); they are
+Batches come from pbmc3k through the pretraining dataset and collator (random cells: `pretrain` groups cells of
+similar length, so its steps are faster than these); they are
 collated beforehand, so the times are the model's: forward, backward, gradient clipping and the AdamW step.
 """
 
