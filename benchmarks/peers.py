@@ -17,12 +17,14 @@ class PeerUnavailable(RuntimeError):
 
 
 def log_normalize(counts, target_sum: float = 1e4) -> sp.csr_matrix:
-    """log1p of counts scaled to `target_sum` per cell: scanpy's normalize_total + log1p, the processor's transform."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.diags(target_sum / np.maximum(totals, 1e-12)) @ counts
-    scaled.data = np.log1p(scaled.data)
-    return sp.csr_matrix(scaled, dtype=np.float32)
+    """log1p of counts scaled to `target_sum` per cell (scanpy's normalize_total + log1p), the processor's transform."""
+    import anndata as ad
+    import scanpy as sc
+
+    cells = ad.AnnData(sp.csr_matrix(counts, dtype=np.float32))
+    sc.pp.normalize_total(cells, target_sum=target_sum)
+    sc.pp.log1p(cells)
+    return cells.X
 
 
 def pca(log_normalized, num_components: int, seed: int = 0) -> np.ndarray:

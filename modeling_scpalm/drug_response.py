@@ -105,17 +105,23 @@ class PackedDrugGraphs:
 
     def select(self, drugs: torch.Tensor) -> dict[str, torch.Tensor]:
         """The inputs of `DrugGCN` for the drugs `drugs` (indices into this pack), in that order."""
-        atoms = torch.cat([torch.arange(self.atom_offsets[d], self.atom_offsets[d + 1]) for d in drugs.tolist()])
-        edges = torch.cat([torch.arange(self.edge_offsets[d], self.edge_offsets[d + 1]) for d in drugs.tolist()])
+        atoms, new_offsets = _concatenated_ranges(self.atom_offsets[drugs], self.num_atoms[drugs])
+        edges, _ = _concatenated_ranges(self.edge_offsets[drugs], self.num_edges[drugs])
         # Old atom index -> new: each selected drug's atoms move from its old offset to its new one.
-        new_offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.num_atoms[drugs].cumsum(0)])
-        shift = torch.repeat_interleave(new_offsets[:-1] - self.atom_offsets[drugs], self.num_edges[drugs])
+        shift = torch.repeat_interleave(new_offsets - self.atom_offsets[drugs], self.num_edges[drugs])
         return {
             "atom_features": self.atom_features[atoms],
             "edges": self.edges[:, edges] + shift,
             "edge_weights": self.edge_weights[edges],
             "drug_of_atom": torch.repeat_interleave(torch.arange(len(drugs)), self.num_atoms[drugs]),
         }
+
+
+def _concatenated_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cat(arange(s, s + n) for s, n)` without a Python loop, and where each range starts in the result."""
+    result_starts = lengths.cumsum(0) - lengths
+    positions = torch.arange(int(lengths.sum()))
+    return positions + torch.repeat_interleave(starts - result_starts, lengths), result_starts
 
 
 # -- model ----------------------------------------------------------------------------------------------------------

@@ -226,3 +226,18 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
     assert "stage_1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not found"):
         main(["--train_file", str(tmp_path / "missing.h5ad"), "--output_dir", str(tmp_path / "new")])
+
+
+def test_stage_two_refuses_a_stage_one_folder_missing_weights(dataset_dir, unbroken_run, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken_stage_1"
+    shutil.copytree(unbroken_run / "stage_1", broken)
+    stage_one = weights(broken)
+    del stage_one["scpalm.embeddings.token_queries"]
+    save_file(stage_one, broken / "model.safetensors", metadata={"format": "pt"})
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"lacks weights stage 2 needs \(scpalm\.embeddings\.token_queries"):
+        main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN,
+              "--stage", "2", "--stage_one_model", str(broken)])
+    assert not (output / "stage_2" / "model.safetensors").exists()
