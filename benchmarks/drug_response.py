@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import DATA_DIR, environment, markdown_table
+from _common import DATA_DIR, environment, knn_accuracy, markdown_table
 
 SCRNA_FILES = ["pbmc3k_2638.h5ad", "pbmc_3tech_2000.h5ad", "mixology_sc_celseq2.h5ad", "mixology_sc_dropseq.h5ad",
                "mixology_sc_celseq2_5cl_p1.h5ad", "mixology_sc_celseq2_5cl_p2.h5ad", "mixology_sc_celseq2_5cl_p3.h5ad"]
@@ -135,25 +135,12 @@ def main(argv=None):
 
 
 def cancer_type_accuracy(pairs, features, seed) -> dict[str, float]:
-    """
-    How much of a cell line each feature set keeps: 5-fold accuracy of a 5-nearest-neighbour classifier of its
-    cancer type (on 30 principal components of the standardised features), beside the majority-type rate.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """How much of a cell line each feature set keeps (`knn_accuracy` of its cancer type), beside the majority type."""
     cancer_type = pairs.drop_duplicates("cell_line").set_index("cell_line")["cancer_type"]
     cancer_type = cancer_type[cancer_type.map(cancer_type.value_counts()) >= 5]  # 5 folds need 5 lines per type
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     accuracy = {"majority type": float(cancer_type.value_counts(normalize=True).iloc[0])}
     for name, table in features.items():
-        values = table.reindex(cancer_type.index).to_numpy()
-        classifier = make_pipeline(StandardScaler(), PCA(min(30, values.shape[1]), random_state=seed),
-                                   KNeighborsClassifier(5))
-        accuracy[name] = float(cross_val_score(classifier, values, cancer_type.to_numpy(), cv=folds).mean())
+        accuracy[name] = knn_accuracy(table.reindex(cancer_type.index).to_numpy(), cancer_type.to_numpy(), seed)
     return accuracy
 
 
