@@ -148,8 +148,8 @@ class ScPaLMEmbeddings(nn.Module):
     def _panel_references(self, vocabulary: dict, panels: torch.Tensor, panel_of_cell: torch.Tensor):
         """Each cell's two references (batch, heads, N, head_dim): its panel's genes at x = 1, and at zero."""
         references = []
-        for name in ("reference", "zero"):
-            keys, values = (tensor.expand(panels.shape[0], -1, -1, -1) for tensor in vocabulary[name])
+        for name, dtype in (("reference", None), ("zero", torch.float64)):
+            keys, values = (tensor.expand(panels.shape[0], -1, -1, -1).to(dtype) for tensor in vocabulary[name])
             references.append(self._attend(keys, values, panels)[panel_of_cell])
         return references
 
@@ -188,14 +188,18 @@ class ScPaLMEmbeddings(nn.Module):
         vectors = self._expressed_gene_vectors(gene_ids, gene_values)
         expressed_pool = self._attend(self._heads(self.key(vectors)), self._heads(self.value(vectors)), expressed)
         vocabulary = self._vocabulary_keys_values()
+        # The zero pool's deviation is a difference of two pools that agree but for the zero genes' softmax share,
+        # which sharp attention can make tiny: both pools and their difference are float64, rescaled before float32.
         zero_keys, zero_values = (
-            self._heads(F.embedding(gene_ids, tensor.transpose(0, 1).flatten(1))) for tensor in vocabulary["zero"]
+            self._heads(F.embedding(gene_ids, tensor.transpose(0, 1).flatten(1))).double() for tensor in vocabulary["zero"]
         )
         # A cell with no expressed gene has the panel's zero pool, no deviation; its softmax is kept off an empty set.
         any_expressed = expressed.any(1)
         expressed_as_zero = self._attend(zero_keys, zero_values, expressed | ~any_expressed[:, None], null_gene=False)
         reference_pool, panel_zero_pool = self._panel_references(vocabulary, panels, panel_of_cell)
-        zero_deviation = torch.where(any_expressed[:, None, None, None], panel_zero_pool - expressed_as_zero, 0.0)
+        zero_deviation = panel_zero_pool - expressed_as_zero
+        zero_deviation = zero_deviation * torch.rsqrt(zero_deviation.pow(2).mean(-1, keepdim=True).clamp_min(1e-300))
+        zero_deviation = torch.where(any_expressed[:, None, None, None], zero_deviation, 0.0)
         return self._tokens(expressed_pool - reference_pool, zero_deviation)
 
     # -- dense reference path -------------------------------------------------------------------------------------
