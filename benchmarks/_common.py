@@ -64,6 +64,14 @@ def knn_accuracy(values: np.ndarray, labels: np.ndarray, seed: int = 0, neighbou
     return float(cross_val_score(classifier, values, labels, cv=folds).mean())
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The shell command that ran `benchmarks/<script>` with `argv` (default: this process's), quoted to be re-run."""
+    import shlex
+    import sys
+
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `function()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):

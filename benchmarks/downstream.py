@@ -36,7 +36,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import peers  # noqa: E402
 import torch  # noqa: E402
-from _common import DATA_DIR, PeakTensorMemory, environment, markdown_table, mib  # noqa: E402
+from _common import DATA_DIR, PeakTensorMemory, command_line, environment, markdown_table, mib  # noqa: E402
 
 REACTOME = "gene_sets/c2.cp.reactome.v2023.1.Hs.symbols.gmt.gz"
 
@@ -465,7 +465,7 @@ def plot_imputation(rows: list[dict], path: Path):
 
 def render_report(bench: Benchmark, argv) -> str:
     args, results = bench.args, bench.results
-    command = "python benchmarks/downstream.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = command_line("downstream.py", argv)
     lines = [
         "# scPaLM downstream benchmark",
         "",

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import DATA_DIR, environment, knn_accuracy, markdown_table
+from _common import DATA_DIR, command_line, environment, knn_accuracy, markdown_table
 
 SCRNA_FILES = ["pbmc3k_2638.h5ad", "pbmc_3tech_2000.h5ad", "mixology_sc_celseq2.h5ad", "mixology_sc_dropseq.h5ad",
                "mixology_sc_celseq2_5cl_p1.h5ad", "mixology_sc_celseq2_5cl_p2.h5ad", "mixology_sc_celseq2_5cl_p3.h5ad"]
@@ -209,7 +209,7 @@ def figure_seven(test, expression_predicted, scpalm_predicted, path):
 
 
 def render_report(args, argv, results, pd) -> str:
-    command = "python benchmarks/drug_response.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = command_line("drug_response.py", argv)
     runs = results["runs"]
     table = markdown_table(
         ["split", "cell-line input", "PCC", "Spearman", "RMSE", "median PCC per drug", "median PCC per cancer type",
