@@ -11,7 +11,8 @@ The pooling attention compares queries and keys by cosine similarity times a lea
 pretraining: measured on pbmc3k after 300 tiny stage-1 steps, the attention was uniform to 1% (entropy 0.99999 of
 its maximum) and the N tokens varied across cells along one direction (mean cosine 0.9999 between slots), N copies
 of one mean pool. Cosine logits of scale 10 give each query its own weighting of the genes from the start (slots'
-cosine 0.11 after the same training; `benchmarks/probe.py`).
+cosine 0.11 after the same training, and pbmc3k's cell types told apart by the tokens at 0.74 rather than 0.55 in
+`benchmarks/probe.py`).
 
 Each pool is centred on a reference pool of the cell's gene panel and RMS-normalised per head. A softmax pool
 averages hundreds of genes, so without centring what all cells share dwarfs what tells them apart (measured: 3% of
@@ -24,7 +25,9 @@ Cost grows with the non-zero genes of a cell, not with the vocabulary. With P, D
 (all measured genes at zero) and c, d those of the cell's expressed genes at zero, the zero pool is
 Z = (P - c) / (D - d), so `Z - P/D = d / (D - d) * (P/D - c/d)`: after the per-head RMS normalisation the positive
 factor drops out and the centred zero pool is the panel pool minus an ordinary attention pool over the cell's
-expressed genes (their zero-gene vectors). No sum over the cell's zero genes, and no cancellation of large sums.
+expressed genes (their zero-gene vectors). No sum over the cell's zero genes. The two pools differ only by the zero
+genes' share of the panel's softmax, which sharp attention can make small (a cell expressing most of its panel), so
+both are computed in float64 and their difference rescaled before it returns to the model's dtype.
 The panel pools depend on the weights only (once per batch and panel). `forward_dense` computes the same function
 from every gene of every cell, the zero pool literally over the zero genes; the tests hold the sparse path to it.
 """
