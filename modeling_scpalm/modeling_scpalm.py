@@ -9,6 +9,7 @@ pseudo-labels (eq. 2, Algorithm 2).
 `ScPaLMModel` gives the cell embedding h_C from all N tokens; `ScPaLMForCellClassification` fine-tunes on labels.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -405,7 +406,8 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.zero_value, std=1.0)
             init.normal_(module.gene_embeddings, std=1.0)
             init.normal_(module.null_gene, std=1.0)
-            init.normal_(module.token_queries, std=std)
+            init.normal_(module.token_queries, std=1.0)
+            init.constant_(module.pool_logit_scale, math.log(10.0))
         elif isinstance(module, ScPaLMVectorQuantizer):
             # Codes start on the scale of the LayerNorm-ed encoder output.
             init.normal_(module.codebook, std=1.0)
