@@ -109,20 +109,24 @@ class ScPaLMEmbeddings(nn.Module):
     def _queries(self) -> torch.Tensor:
         return self._heads(self.token_queries)  # (heads, N, head_dim)
 
+    def _keys(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., L, hidden) gene vectors -> (..., heads, L, head_dim) keys of unit length per head (cosine logits)."""
+        return F.normalize(self._heads(self.key(states)), dim=-1)
+
     def _null_key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(self.key(self.null_gene)[None]), self._heads(self.value(self.null_gene)[None])
+        return self._keys(self.null_gene[None]), self._heads(self.value(self.null_gene)[None])
 
     def _attend(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, null_gene: bool = True) -> torch.Tensor:
-        """Pool (batch, heads, L, head_dim) keys/values where `mask` (batch, L) holds; the null gene too if asked."""
+        """Pool (batch, heads, L, head_dim) unit keys and values where `mask` (batch, L) holds; the null gene too if
+        asked. The logit scale multiplies the N unit queries rather than the many keys."""
         batch = keys.shape[0]
         if null_gene:
             null_key, null_value = self._null_key_value()
             keys = torch.cat([null_key.expand(batch, -1, -1, -1).to(keys.dtype), keys], dim=2)
             values = torch.cat([null_value.expand(batch, -1, -1, -1).to(values.dtype), values], dim=2)
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
-        queries = F.normalize(self._queries(), dim=-1).expand(batch, -1, -1, -1).to(keys.dtype)
-        logit_scale = self.pool_logit_scale.clamp(max=MAX_POOL_LOGIT_SCALE).exp()[:, None, None].to(keys.dtype)
-        keys = F.normalize(keys, dim=-1) * logit_scale
+        logit_scale = self.pool_logit_scale.clamp(max=MAX_POOL_LOGIT_SCALE).exp()[:, None, None]
+        queries = (F.normalize(self._queries(), dim=-1) * logit_scale).expand(batch, -1, -1, -1).to(keys.dtype)
         return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None, None, :], scale=1.0)
 
     def _vocabulary_keys_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +150,7 @@ class ScPaLMEmbeddings(nn.Module):
             "zero": self._zero_gene_vectors(),
             "reference": self._expressed_gene_vectors(gene_ids, torch.ones_like(gene_ids, dtype=self.gene_embeddings.dtype)),
         }
-        return {name: (self._heads(self.key(v)), self._heads(self.value(v))) for name, v in vectors.items()}
+        return {name: (self._keys(v), self._heads(self.value(v))) for name, v in vectors.items()}
 
     def _panel_references(self, vocabulary: dict, panels: torch.Tensor, panel_of_cell: torch.Tensor):
         """Each cell's two references (batch, heads, N, head_dim): its panel's genes at x = 1, and at zero."""
@@ -189,7 +193,7 @@ class ScPaLMEmbeddings(nn.Module):
         panels, panel_of_cell = _gene_panels(measured_gene_mask, gene_ids.shape[0])
         expressed = attention_mask.bool() & panels[panel_of_cell[:, None], gene_ids] & (gene_values != 0)
         vectors = self._expressed_gene_vectors(gene_ids, gene_values)
-        expressed_pool = self._attend(self._heads(self.key(vectors)), self._heads(self.value(vectors)), expressed)
+        expressed_pool = self._attend(self._keys(vectors), self._heads(self.value(vectors)), expressed)
         vocabulary = self._vocabulary_keys_values()
         # The zero pool's deviation is a difference of two pools that agree but for the zero genes' softmax share,
         # which sharp attention can make tiny: both pools and their difference are float64, rescaled before float32.
@@ -223,7 +227,7 @@ class ScPaLMEmbeddings(nn.Module):
         vectors = torch.where(
             expressed.unsqueeze(-1), self._expressed_gene_vectors(gene_ids, expression), self._zero_gene_vectors()
         )
-        keys, values = self._heads(self.key(vectors)), self._heads(self.value(vectors))
+        keys, values = self._keys(vectors), self._heads(self.value(vectors))
         expressed_pool = self._attend(keys, values, expressed)
         zero_pool = self._attend(keys, values, measured & ~expressed)
         reference_pool, panel_zero_pool = self._panel_references(self._vocabulary_keys_values(), panels, panel_of_cell)

@@ -406,6 +406,8 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.zero_value, std=1.0)
             init.normal_(module.gene_embeddings, std=1.0)
             init.normal_(module.null_gene, std=1.0)
+            # Queries are directions for the cosine pooling logits, and each token's own part (LayerNorm(query +
+            # pool)), so they start as distinct as the genes; the logits start at 10 x cosine.
             init.normal_(module.token_queries, std=1.0)
             init.constant_(module.pool_logit_scale, math.log(10.0))
         elif isinstance(module, ScPaLMVectorQuantizer):
