@@ -35,8 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import peers  # noqa: E402
-import torch  # noqa: E402
-from _common import DATA_DIR, PeakTensorMemory, command_line, environment, markdown_table, mib  # noqa: E402
+from _common import DATA_DIR, PeakTensorMemory, command_line, environment, fake_tensors, markdown_table, mib  # noqa: E402
 
 REACTOME = "gene_sets/c2.cp.reactome.v2023.1.Hs.symbols.gmt.gz"
 
@@ -373,26 +372,18 @@ def embedding_training_peak(preset: str, num_genes: int, batch: dict, variant: s
     The per-gene variant gives every vocabulary gene its own token (its Algorithm-1 vector; zeros as e_zero) and runs
     the encoder over all of them, as per-gene models (scFoundation, Geneformer) do; the others pool into N tokens.
     """
-    import warnings
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from modeling_scpalm import ScPaLMConfig
     from modeling_scpalm.embedding_scpalm import ScPaLMEmbeddings
     from modeling_scpalm.modeling_scpalm import ScPaLMTransformer
 
-    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     config = ScPaLMConfig.from_preset(preset, num_genes=num_genes, share_value_projection=variant == "shared first layer")
     config._attn_implementation = "sdpa"
-    with FakeTensorMode() as fake_mode:
+    with fake_tensors() as fake_mode:
         embeddings, encoder = ScPaLMEmbeddings(config), ScPaLMTransformer(config, config.pathway_encoder_num_hidden_layers)
         inputs = {key: fake_mode.from_tensor(value) for key, value in batch.items()}
         with PeakTensorMemory() as tracker:
             if variant == "per-gene tokens":
-                dense = inputs["dense"]
-                gene_ids = torch.arange(num_genes).expand(dense.shape[0], -1)
-                tokens = torch.where((dense != 0).unsqueeze(-1), embeddings._expressed_gene_vectors(gene_ids, dense),
-                                     embeddings._zero_gene_vectors())
+                tokens = embeddings.dense_gene_vectors(inputs["dense"])
             else:
                 tokens = embeddings(inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"],
                                     inputs["measured_gene_mask"])

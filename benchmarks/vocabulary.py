@@ -14,7 +14,7 @@ gigabytes are counted without being allocated.
 import argparse
 
 import torch
-from _common import PeakTensorMemory, load_pbmc3k, mib, print_table, seconds
+from _common import PeakTensorMemory, fake_tensors, load_pbmc3k, mib, print_table, seconds
 
 VOCABULARY_SIZES = [20_000, 40_000, 60_664]
 
@@ -116,17 +116,10 @@ def time_table(args, adata, sizes):
 
 
 def memory_table(args, adata, sizes):
-    import warnings
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # Inference keys its vocabulary cache on data pointers, which fake tensors only pretend to have.
-    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-
     results = {}
     for num_genes in sizes:
         batch = cells_over_vocabulary(adata, num_genes, args.memory_batch_size)
-        with FakeTensorMode() as fake_mode:
+        with fake_tensors() as fake_mode:
             module = embedding(args.memory_preset, num_genes)
             fake_batch = {key: fake_mode.from_tensor(value) for key, value in batch.items()}
             for name, run in runs(module, fake_batch).items():
