@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import pbmc3k_dataset, print_table, seconds, training_step
+from _common import command_line, pbmc3k_dataset, print_table, seconds, training_step
 
 
 def parse_args(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
         f"Data pipeline: pbmc3k from disk through the collator (batch {args.batch_size})",
         ["source", "cells/s", "vs training"],
         rows,
-        note=f"Command: python benchmarks/data_pipeline.py --batch_size {args.batch_size}",
+        note=f"Command: {command_line('data_pipeline.py', argv)}",
     )
     return pipeline, training
 

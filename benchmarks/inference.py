@@ -18,7 +18,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from _common import load_pbmc3k, mib, peak_memory, print_table, seconds
+from _common import command_line, load_pbmc3k, mib, peak_memory, print_table, seconds
 
 GENEFORMER_CONTEXT = 2048
 SCGPT_CONTEXT = 1200
@@ -88,8 +88,7 @@ def main(argv=None):
         ["model", "tokens per cell", "cells/s", "speed vs Geneformer ragged", "peak MiB (longest batch)", "memory vs Geneformer ragged"],
         rows,
         note="scPaLM's tokens: N pathway tokens per encoder (its embedding reads every expressed gene). "
-        f"Command: python benchmarks/inference.py --preset {args.preset} --batch_size {args.batch_size} --dtype {args.dtype}"
-        + (" --compile" if args.compile else ""),
+        f"Command: {command_line('inference.py', argv)}",
     )
     return results
 

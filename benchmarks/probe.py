@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import scipy.sparse as sp
 import torch
-from _common import knn_accuracy, load_pbmc3k, print_table
+from _common import command_line, knn_accuracy, load_pbmc3k, print_table
 
 STAGES = {
     "embedding tokens": lambda output: output.hidden_states[0].flatten(1),
@@ -71,8 +71,7 @@ def main(argv=None):
     source = args.model or f"untrained preset {args.preset}"
     print_table(f"Cell-type probe on {len(labels):,} pbmc3k cells ({len(set(labels))} types): {source}",
                 ["representation", "model", "accuracy"], rows,
-                note="Command: python benchmarks/probe.py " + (f"--model {args.model}" if args.model else
-                                                               f"--preset {args.preset}"))
+                note=f"Command: {command_line('probe.py', argv)}")
 
 
 def representations(model, processor, cells: sp.csr_matrix, measured: np.ndarray, batch_size: int) -> dict:

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import pbmc3k_dataset, print_table, seconds, training_step
+from _common import command_line, pbmc3k_dataset, print_table, seconds, training_step
 
 
 def parse_args(argv=None):
@@ -49,8 +49,7 @@ def main(argv=None):
         f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.dtype}, {args.device})",
         ["preset", "stage", "mode", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1, eager"],
         rows,
-        note=f"Command: python benchmarks/training.py --presets {' '.join(args.presets)} --batch_size {args.batch_size}"
-        + (" --compile" if args.compile else ""),
+        note=f"Command: {command_line('training.py', argv)}",
     )
     return results
 

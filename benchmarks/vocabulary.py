@@ -14,7 +14,7 @@ gigabytes are counted without being allocated.
 import argparse
 
 import torch
-from _common import PeakTensorMemory, fake_tensors, load_pbmc3k, mib, print_table, seconds
+from _common import PeakTensorMemory, command_line, fake_tensors, load_pbmc3k, mib, print_table, seconds
 
 VOCABULARY_SIZES = [20_000, 40_000, 60_664]
 
@@ -38,8 +38,9 @@ def main(argv=None):
     args = parse_args(argv)
     sizes = [2_000, 4_000] if args.quick else VOCABULARY_SIZES
     adata = load_pbmc3k(max(args.time_batch_size, args.dense_batch_size, args.memory_batch_size))
-    time_table(args, adata, sizes)
-    memory_table(args, adata, sizes)
+    command = command_line("vocabulary.py", argv)
+    time_table(args, adata, sizes, command)
+    memory_table(args, adata, sizes, command)
 
 
 def cells_over_vocabulary(adata, num_genes: int, batch_size: int) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ def runs(module, batch):
             "dense, inference": dense_inference, "dense, training": dense_training}
 
 
-def time_table(args, adata, sizes):
+def time_table(args, adata, sizes, command: str):
     torch.manual_seed(0)
     results = {}
     for num_genes in sizes:
@@ -110,12 +111,12 @@ def time_table(args, adata, sizes):
         f"{args.time_batch_size} sparse, {args.dense_batch_size} dense); ratios to the smallest vocabulary",
         ["path"] + [f"{n:,} genes" for n in sizes],
         rows,
-        note="Target: the sparse path within 1.2x from 20,000 to 60,664 genes. Command: python benchmarks/vocabulary.py",
+        note=f"Target: the sparse path within 1.2x from 20,000 to 60,664 genes. Command: {command}",
     )
     return results
 
 
-def memory_table(args, adata, sizes):
+def memory_table(args, adata, sizes, command: str):
     results = {}
     for num_genes in sizes:
         batch = cells_over_vocabulary(adata, num_genes, args.memory_batch_size)
@@ -140,7 +141,7 @@ def memory_table(args, adata, sizes):
         rows,
         note=f"Target: sparse under a tenth of dense at {largest:,} genes. Parameters and their gradients' first "
         "allocation are the model's, not the batch's: gradients are counted, weights are not. "
-        "Command: python benchmarks/vocabulary.py",
+        f"Command: {command}",
     )
     return results
 
