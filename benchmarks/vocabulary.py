@@ -62,13 +62,11 @@ def cells_over_vocabulary(adata, num_genes: int, batch_size: int) -> dict[str, t
 
 
 def embedding(preset: str, num_genes: int):
-    from modeling_scpalm import ScPaLMConfig
-    from modeling_scpalm.embedding_scpalm import ScPaLMEmbeddings
+    """The embedding at the model's own initialisation (its attention's sharpness decides how often the zero pool
+    needs float64: never at this one)."""
+    from modeling_scpalm import ScPaLMConfig, ScPaLMModel
 
-    module = ScPaLMEmbeddings(ScPaLMConfig.from_preset(preset, num_genes=num_genes))
-    for parameter in module.parameters():
-        torch.nn.init.normal_(parameter, std=0.02)
-    return module
+    return ScPaLMModel(ScPaLMConfig.from_preset(preset, num_genes=num_genes)).embeddings
 
 
 def runs(module, batch):
