@@ -165,13 +165,14 @@ def _cell_model_from_stage_one(stage_one_dir, config):
 
     from .modeling_scpalm import PRETRAINING_HEAD_KEYS, ScPaLMForCellPretraining
 
-    load_logger = transformers_logging.get_logger("transformers.modeling_utils")
-    level = load_logger.level
-    load_logger.setLevel(transformers_logging.ERROR)
+    # Through the library's verbosity: an explicit level on `transformers.modeling_utils` makes transformers 5 list
+    # every layer as "not sharded" by tensor parallelism.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
         model, loading_info = ScPaLMForCellPretraining.from_pretrained(stage_one_dir, config=config, output_loading_info=True)
     finally:
-        load_logger.setLevel(level)
+        transformers_logging.set_verbosity(verbosity)
     missing = [key for key in loading_info["missing_keys"] if not any(re.search(head, key) for head in PRETRAINING_HEAD_KEYS)]
     if missing:
         raise ValueError(f"{stage_one_dir} lacks weights stage 2 needs ({', '.join(missing[:5])}, ...): is it a stage-1 "

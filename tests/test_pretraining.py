@@ -241,3 +241,20 @@ def test_stage_two_refuses_a_stage_one_folder_missing_weights(dataset_dir, unbro
         main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN,
               "--stage", "2", "--stage_one_model", str(broken)])
     assert not (output / "stage_2" / "model.safetensors").exists()
+
+
+def test_stage_two_loads_stage_one_without_a_wall_of_warnings(unbroken_run, caplog):
+    """Stage 2's new heads are expected: their missing-weights report is silenced, and silencing it must not make
+    transformers list every layer as "not sharded" by tensor parallelism (it did, with a level set on its logger)."""
+    from transformers.utils import logging as transformers_logging
+
+    from modeling_scpalm import ScPaLMConfig
+    from modeling_scpalm.pretraining import _cell_model_from_stage_one
+
+    stage_one = unbroken_run / "stage_1"
+    transformers_logging.enable_propagation()  # transformers' loggers write to their own handler, past caplog
+    try:
+        _cell_model_from_stage_one(stage_one, ScPaLMConfig.from_pretrained(stage_one))
+    finally:
+        transformers_logging.disable_propagation()
+    assert [record.getMessage()[:80] for record in caplog.records if record.levelno >= 30] == []
