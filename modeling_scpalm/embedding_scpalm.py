@@ -265,7 +265,9 @@ class ScPaLMEmbeddings(nn.Module):
 
 
 def _normalise_heads(deviation: torch.Tensor) -> torch.Tensor:
-    """RMS-normalise each head's (..., head_dim) deviation; an all-zero one stays zero."""
+    """RMS-normalise each head's (..., head_dim) deviation, in float32 at least (squares of small float16 deviations
+    fall below its range); an all-zero one stays zero."""
+    deviation = deviation.to(torch.promote_types(deviation.dtype, torch.float32))
     floor = torch.finfo(deviation.dtype).tiny
     return deviation * torch.rsqrt(deviation.pow(2).mean(-1, keepdim=True).clamp_min(floor))
 

@@ -107,16 +107,18 @@ def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cel
 
 
 @pytest.mark.slow
-def test_embed_compiled_or_in_bfloat16_stays_with_float32_eager(saved_model, cells_file, tmp_path):
+def test_embed_compiled_or_in_half_precision_stays_with_float32_eager(saved_model, cells_file, tmp_path):
     import anndata as ad
 
     folder, _ = saved_model
     path, _ = cells_file
     written = {}
-    for name, options in {"eager": [], "compiled": ["--compile"], "bfloat16": ["--dtype", "bfloat16"]}.items():
+    runs = {"eager": [], "compiled": ["--compile"], "bfloat16": ["--dtype", "bfloat16"], "float16": ["--dtype", "float16"]}
+    for name, options in runs.items():
         main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / f"{name}.h5ad"),
               "--batch_size", "64", *options])
         written[name] = ad.read_h5ad(tmp_path / f"{name}.h5ad").obsm["X_scpalm"]
     np.testing.assert_allclose(written["compiled"], written["eager"], atol=1e-4, rtol=1e-4)
-    relative = np.linalg.norm(written["bfloat16"] - written["eager"], axis=1) / np.linalg.norm(written["eager"], axis=1)
-    assert np.median(relative) < 0.02, np.median(relative)
+    for dtype in ("bfloat16", "float16"):
+        error = np.linalg.norm(written[dtype] - written["eager"], axis=1) / np.linalg.norm(written["eager"], axis=1)
+        assert np.median(error) < 0.02, (dtype, np.median(error))
