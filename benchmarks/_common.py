@@ -88,6 +88,43 @@ def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# Dense bfloat16 peak (vendor datasheets) of the GPUs whose model FLOPs utilisation is reported without
+# `--peak_tflops`, by a part of the name torch gives the device.
+BFLOAT16_PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak for `dtype` when known here (bfloat16 on the GPUs above), else None."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in BFLOAT16_PEAK_TFLOPS.items() if part in name), None)
+
+
+def step_flops(model, batch, dtype) -> int:
+    """Model FLOPs of a training step's forward and backward on `batch`, as torch's `FlopCounterMode` counts them:
+    matrix products and attention, not elementwise work, as usual for FLOPs utilisation. The fused attention kernels'
+    backward is counted with the logits it recomputes (one matrix product of five; the attention is a few percent of
+    the FLOPs at the paper's size). Gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    # The counter knows the CUDA attention kernels; the CPU one has the same cost.
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: sdpa_flop_count(
+            query, key, value),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad_out, query, key, value, *args, **kwargs:
+            sdpa_backward_flop_count(grad_out, query, key, value),
+    }
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**batch).loss
+        loss.backward()
+    model.zero_grad()
+    return counter.get_total_flops()
+
+
 def training_step(model, optimizer, batches, dtype):
     """Forward, backward, clipping and the AdamW step on the next batch."""
     device = next(model.parameters()).device

@@ -8,15 +8,20 @@
 Batches come from pbmc3k through the pretraining dataset and collator (random cells: `pretrain` groups cells of
 similar length, so its steps are faster than these); they are
 collated beforehand, so the times are the model's: forward, backward, gradient clipping and the AdamW step.
+
+Model FLOPs are counted by torch's `FlopCounterMode` on the timed batches (matrix products and attention, forward
+and backward); model FLOPs utilisation (MFU) divides the FLOPs per second by the device's dense peak, known here for
+bfloat16 on H200, H100 SXM and A100 (`--peak_tflops` gives it for any other device or dtype).
 """
 
 import argparse
+import statistics
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
-from _common import command_line, pbmc3k_dataset, print_table, seconds, training_step
+from _common import command_line, pbmc3k_dataset, peak_tflops, print_table, seconds, step_flops, training_step
 
 
 def parse_args(argv=None):
@@ -28,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time each stage under torch.compile (dynamic "
                         "shapes; compilation happens in the warm-up steps)")
+    parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU column "
+                        "(default: known for bfloat16 on H200, H100 SXM and A100)")
     parser.add_argument("--quick", action="store_true", help="tiny only, small batches: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -40,14 +47,18 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         dataset_dir = pbmc3k_dataset(Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None)
         results = measure(args, dataset_dir)
-    reference = results[args.presets[0], 1, "eager"]
-    rows = [
-        [preset, stage, mode, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds, reference / step_seconds]
-        for (preset, stage, mode), step_seconds in results.items()
-    ]
+    reference, _ = results[args.presets[0], 1, "eager"]
+    peak = args.peak_tflops or peak_tflops(torch.device(args.device), getattr(torch, args.dtype))
+    rows = []
+    for (preset, stage, mode), (step_seconds, flops) in results.items():
+        tflops = flops / step_seconds / 1e12
+        utilisation = f"{tflops / peak:.1%}" if peak else "no peak known"
+        rows.append([preset, stage, mode, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds,
+                     reference / step_seconds, flops / 1e9, tflops, utilisation])
     print_table(
         f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.dtype}, {args.device})",
-        ["preset", "stage", "mode", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1, eager"],
+        ["preset", "stage", "mode", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1, eager",
+         "model GFLOP per step", "model TFLOP/s", "MFU"],
         rows,
         note=f"Command: {command_line('training.py', argv)}",
     )
@@ -68,7 +79,7 @@ def measure(args, dataset_dir):
 
     dataset, panels = load_pretraining_dataset(dataset_dir)
     num_genes = ScPaLMProcessor.from_pretrained(dataset_dir).num_genes
-    device = torch.device(args.device)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results = {}
     for preset in args.presets:
         config = ScPaLMConfig.from_preset(preset, num_genes=num_genes)
@@ -83,8 +94,11 @@ def measure(args, dataset_dir):
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
                 if mode == "torch.compile":
                     model = torch.compile(model, dynamic=True)
-                step = partial(training_step, model, optimizer, iter(batches * 2), getattr(torch, args.dtype))
-                results[preset, stage, mode] = seconds(step, repeats=args.steps, warmup=2)
+                step = partial(training_step, model, optimizer, iter(batches * 2), dtype)
+                step_seconds = seconds(step, repeats=args.steps, warmup=2)
+                if mode == "eager":  # counted after the timing, on the batches timed; compiled: the same FLOPs
+                    flops = statistics.mean(step_flops(model, batch, dtype) for batch in batches[2:])
+                results[preset, stage, mode] = step_seconds, flops
     return results
 
 

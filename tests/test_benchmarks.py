@@ -101,3 +101,30 @@ def test_drug_response_benchmark_writes_its_report(tmp_path):
     assert "689 of 689" in results["scpalm_gene_match"]
     assert {path.name for path in (output / "figures").iterdir()} == {"figure6_pcc_by_group.png", "figure7_best_cancer_type.png"}
     assert "| random | expression (DeepCDR) |" in (output / "report.md").read_text()
+
+
+def test_step_flops_count_cpu_attention_as_its_matrix_products():
+    """The CPU attention kernel, unknown to torch's counter, is counted: as the math backend's matrix products, plus
+    the logits the fused kernel recomputes in its backward (as torch counts the CUDA kernels)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from _common import step_flops
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, states):
+            query, key, value = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in self.qkv(states).chunk(3, -1))
+            return SimpleNamespace(loss=F.scaled_dot_product_attention(query, key, value).sum())
+
+    model, batch = Attention(), {"states": torch.randn(3, 10, 16)}
+    fused = step_flops(model, batch, torch.float32)
+    with sdpa_kernel(SDPBackend.MATH):
+        decomposed = step_flops(model, batch, torch.float32)
+    recomputed_logits = 2 * 3 * 2 * 10 * 10 * 8  # batch x heads x queries x keys x head_dim, a multiply and an add
+    assert fused == decomposed + recomputed_logits
+    assert all(parameter.grad is None for parameter in model.parameters())
