@@ -1,6 +1,6 @@
 """The paper's downstream experiments on the shared datasets, scPaLM beside its peers, written up as a report.
 
-    python benchmarks/downstream.py --output_dir reports/downstream          # the full report (about 75 min, 2 cores)
+    python benchmarks/downstream.py --output_dir reports/downstream          # the full report (about 2 h, 2 cores)
     python benchmarks/downstream.py --output_dir /tmp/downstream --quick    # a seconds-to-minutes form (CI runs it)
 
 Writes `report.md`, `results.json` and `figures/*.png` under `--output_dir`, and the models it trained under
