@@ -108,16 +108,20 @@ def step_flops(model, batch, dtype) -> int:
     the FLOPs at the paper's size). Gradients are cleared afterwards."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+    def cpu_attention(query, key, value, *args, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def cpu_attention_backward(grad_out, query, key, value, *args, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    # The counter knows the CUDA attention kernels; the CPU one costs the same (arguments arrive as shapes).
     aten = torch.ops.aten
-    # The counter knows the CUDA attention kernels; the CPU one has the same cost.
-    cpu_attention = {
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, **kwargs: sdpa_flop_count(
-            query, key, value),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad_out, query, key, value, *args, **kwargs:
-            sdpa_backward_flop_count(grad_out, query, key, value),
+    cpu_kernels = {
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward,
     }
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    with FlopCounterMode(display=False, custom_mapping=cpu_kernels) as counter:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss
         loss.backward()

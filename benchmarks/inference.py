@@ -3,7 +3,7 @@
     python benchmarks/inference.py                          # tiny preset, all 2,638 pbmc3k cells, CPU
     python benchmarks/inference.py --compile                # adds scPaLM and the reference under torch.compile
     python benchmarks/inference.py --quick                  # seconds: what CI runs
-    python benchmarks/inference.py --preset paper --device cuda --dtype bfloat16 --batch_size 128 --num_cells 48082
+    python benchmarks/inference.py --preset paper --device cuda --dtype bfloat16 --batch_size 128 --num_cells 48082 --repeats 1
 
 The last is the CellPLM paper's table at the paper's size: seconds to embed 48,082 cells on one GPU.
 
