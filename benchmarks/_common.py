@@ -1,6 +1,6 @@
 """What every benchmark shares: the real cells, timing, peak tensor memory, and the table it prints.
 
-Timings are medians of repeats after a warm-up; every table reports ratios to a reference row measured in the same
+Timings are medians of repeats after a warm-up, compared runs taken in turn; every table reports ratios to a reference row measured in the same
 process, since these machines are noisy. Peak memory is what tensors hold: on CUDA the allocator's peak, elsewhere a
 dispatch-mode tracker that counts each tensor's storage from creation until it is freed. The tracker also runs under
 `FakeTensorMode`, which measures a configuration's memory without allocating it (the paper's sizes on a laptop).
@@ -76,16 +76,24 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 def seconds(function, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `function()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        function()
-    times = []
+    return interleaved_seconds({None: function}, repeats, warmup)[None]
+
+
+def interleaved_seconds(functions: dict, repeats: int = 3, warmup: int = 1) -> dict:
+    """Median wall time of each function over `repeats` runs after `warmup` runs, the runs taken in turn (one of each,
+    then again), so that a slow spell of a noisy machine falls on all of them alike rather than on one."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        function()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, function in functions.items():
+            _synchronize()
+            start = time.perf_counter()
+            function()
+            _synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(runs) for name, runs in times.items()}
 
 
 # Dense bfloat16 peak (vendor datasheets) of the GPUs whose model FLOPs utilisation is reported without

@@ -9,11 +9,12 @@ The last is the CellPLM paper's table at the paper's size: seconds to embed 48,0
 
 The peers are BERT encoders (Transformers' `BertModel`, SDPA attention) fed the way those models read a cell:
 Geneformer-shaped, the cell's expressed genes ranked by expression over each gene's mean non-zero value (Geneformer
-divides by the median; at most 2,048 tokens); scGPT-shaped, a <cls> token and up to 1,200 expressed genes, each a gene embedding plus an embedding of its
-value. "ragged" rows pad each batch to its longest cell, cells sorted by length as `scpalm embed` sorts them; "full"
-rows fill the peer's context (2,048 or 1,200 tokens), as deeper-sequenced cells would. Every model embeds the same
-cells in the same batches; the input tensors are built beforehand, so the times are the models' alone. More cells
-than pbmc3k's 2,638 are its cells again, in order.
+divides by the median; at most 2,048 tokens); scGPT-shaped, a <cls> token and up to 1,200 expressed genes, each a gene
+embedding plus an embedding of its value. "ragged" rows pad each batch to its longest cell, cells sorted by length as
+`scpalm embed` sorts them; "full" rows fill the peer's context (2,048 or 1,200 tokens), as deeper-sequenced cells
+would. Every model embeds the same cells in the same batches; the input tensors are built beforehand, so the times are
+the models' alone, and the models take turns, one pass over the cells each per repeat, so that a slow spell of the
+machine falls on all alike. More cells than pbmc3k's 2,638 are its cells again, in order.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from _common import command_line, load_pbmc3k, mib, peak_memory, print_table, seconds
+from _common import command_line, interleaved_seconds, load_pbmc3k, mib, peak_memory, print_table
 
 GENEFORMER_CONTEXT = 2048
 SCGPT_CONTEXT = 1200
@@ -69,17 +70,19 @@ def main(argv=None):
         for name in ("scPaLM", "Geneformer-shaped, ragged"):
             model, inputs = models[name]
             models[f"{name}, torch.compile"] = (torch.compile(model, dynamic=True), inputs)
-    results = {}
+    runs, longest, tokens = {}, {}, {}
     for name, (model, inputs) in models.items():
         model = model.to(device=device, dtype=dtype).eval()
         inputs = [{key: value.to(device) for key, value in batch.items()} for batch in inputs]
-        longest = max(inputs, key=lambda batch: next(iter(batch.values())).shape[1])
-        compiled = name.endswith("torch.compile")
-        with torch.no_grad():
-            elapsed = seconds(partial(_embed_all, model, inputs), repeats=args.repeats)
-            # Off CUDA, memory is counted by a dispatch mode, under which compiled code runs eagerly: not its memory.
-            memory = None if compiled and device.type != "cuda" else peak_memory(partial(_embed_all, model, [longest]), device)
-        results[name] = (elapsed, memory, np.mean([_tokens(name, batch, config) for batch in inputs]))
+        runs[name] = partial(_embed_all, model, inputs)
+        longest[name] = partial(_embed_all, model, [max(inputs, key=lambda batch: next(iter(batch.values())).shape[1])])
+        tokens[name] = np.mean([_tokens(name, batch, config) for batch in inputs])
+    with torch.no_grad():
+        elapsed = interleaved_seconds(runs, repeats=args.repeats)
+        # Off CUDA, memory is counted by a dispatch mode, under which compiled code runs eagerly: not its memory.
+        memory = {name: None if name.endswith("torch.compile") and device.type != "cuda" else peak_memory(run, device)
+                  for name, run in longest.items()}
+    results = {name: (elapsed[name], memory[name], tokens[name]) for name in models}
 
     reference_time, reference_memory, _ = results["Geneformer-shaped, ragged"]
     rows = [

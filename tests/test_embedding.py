@@ -209,6 +209,26 @@ def test_inference_reuses_the_vocabulary_until_a_weight_changes(tiny_config):
     torch.testing.assert_close(after_update, uncached_after_update.detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_inference_reuses_panel_pools_only_for_the_same_panels(tiny_config):
+    """The cached vocabulary keeps the last panels' pools: another mask, or the same mask tensor changed in place,
+    must get its own."""
+    torch.manual_seed(0)
+    embeddings = ScPaLMModel(tiny_config).eval().embeddings
+    inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        all_measured = embeddings(**inputs, measured_gene_mask=measured)
+        measured[: tiny_config.num_genes // 2] = False
+        half_measured = embeddings(**inputs, measured_gene_mask=measured)
+        per_cell = embeddings(**inputs, measured_gene_mask=torch.stack([measured, ~measured, measured, ~measured]))
+    with torch.enable_grad():  # never cached
+        uncached_half = embeddings(**inputs, measured_gene_mask=measured).detach()
+        uncached_per_cell = embeddings(**inputs, measured_gene_mask=torch.stack([measured, ~measured] * 2)).detach()
+    assert not torch.allclose(half_measured, all_measured)
+    torch.testing.assert_close(half_measured, uncached_half)
+    torch.testing.assert_close(per_cell, uncached_per_cell)
+
+
 def test_each_token_pools_the_genes_its_own_way_from_initialisation(pbmc3k, pbmc3k_processor):
     """The N tokens must differ in how they vary across cells, not be N copies of one pool (dot-product logits of
     small fresh weights gave uniform attention and a mean cosine of 0.9999 between slots, which training kept)."""
