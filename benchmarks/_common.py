@@ -1,9 +1,10 @@
 """What every benchmark shares: the real cells, timing, peak tensor memory, and the table it prints.
 
-Timings are medians of repeats after a warm-up, compared runs taken in turn; every table reports ratios to a reference row measured in the same
-process, since these machines are noisy. Peak memory is what tensors hold: on CUDA the allocator's peak, elsewhere a
-dispatch-mode tracker that counts each tensor's storage from creation until it is freed. The tracker also runs under
-`FakeTensorMode`, which measures a configuration's memory without allocating it (the paper's sizes on a laptop).
+Timings are medians of repeats after a warm-up, compared runs taken in turn; every table reports ratios to a reference
+row measured in the same process, since these machines are noisy. Peak memory is what tensors hold: on CUDA the
+allocator's peak, elsewhere a dispatch-mode tracker that counts each tensor's storage from creation until it is freed.
+The tracker also runs under `FakeTensorMode`, which measures a configuration's memory without allocating it (the
+paper's sizes on a laptop).
 """
 
 import contextlib
