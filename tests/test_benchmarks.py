@@ -28,6 +28,15 @@ def test_benchmark_runs_and_prints_its_table(script, options, monkeypatch, capsy
     assert printed.count("\n| ") >= 3 and "Command: python benchmarks/" in printed
 
 
+def test_compared_runs_are_timed_in_turn():
+    """A slow spell of the machine must fall on every compared model alike, not on whichever ran during it."""
+    from _common import interleaved_seconds
+
+    calls = []
+    timed = interleaved_seconds({name: lambda name=name: calls.append(name) for name in "ab"}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and set(timed) == {"a", "b"}
+
+
 def test_peak_tensor_memory_counts_live_storage_only():
     from _common import PeakTensorMemory
     from torch._subclasses.fake_tensor import FakeTensorMode
