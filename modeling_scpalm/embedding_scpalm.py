@@ -114,7 +114,9 @@ class ScPaLMEmbeddings(nn.Module):
     def dense_gene_vectors(self, expression: torch.Tensor) -> torch.Tensor:
         """(batch, num_genes) values in vocabulary order -> (batch, num_genes, hidden): every gene's vector, a gene at
         zero getting `e_zero`'s. The per-gene tokens a Geneformer-style model would attend over."""
-        gene_projections = self._gene_projections()
+        return self._dense_gene_vectors(expression, self._gene_projections())
+
+    def _dense_gene_vectors(self, expression: torch.Tensor, gene_projections: torch.Tensor) -> torch.Tensor:
         gene_ids = torch.arange(self.num_genes, device=expression.device).expand(expression.shape[0], -1)
         expressed = self._expressed_gene_vectors(gene_ids, expression, gene_projections.expand(expression.shape[0], -1, -1))
         return torch.where((expression != 0).unsqueeze(-1), expressed, self._fuse(self.zero_value, gene_projections))
@@ -263,11 +265,11 @@ class ScPaLMEmbeddings(nn.Module):
         panels, panel_of_cell = _gene_panels(measured_gene_mask, expression.shape[0])
         measured = panels[panel_of_cell]
         expressed = measured & (expression != 0)
-        vectors = self.dense_gene_vectors(expression)
+        vocabulary = self._vocabulary()
+        vectors = self._dense_gene_vectors(expression, vocabulary["gene_projections"])
         keys, values = self._key_rows(vectors), self.value(vectors)
         expressed_pool = self._attend(keys, values, expressed)
         zero_pool = self._attend(keys, values, measured & ~expressed)
-        vocabulary = self._vocabulary()
         reference_pool, panel_zero_pool = (
             self._panel_pool(vocabulary, name, panels, vectors.dtype)[panel_of_cell] for name in ("reference", "zero")
         )
