@@ -69,7 +69,7 @@ def embed(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="autocast dtype: bfloat16 is the fast choice on a GPU (h_C within about 1%% of float32)")
     parser.add_argument("--compile", action="store_true", help="run the model under torch.compile (dynamic shapes; "
-                        "the first batch pays the compilation): 1.35-1.45x the cells/s on CPU, see benchmarks/")
+                        "the first batch pays the compilation): about 1.35x the cells/s on CPU, see benchmarks/")
     args = parser.parse_args(argv)
     model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
     if not (model_dir / "config.json").is_file() or not (model_dir / "preprocessor_config.json").is_file():
