@@ -220,7 +220,7 @@ def test_inference_reuses_panel_pools_only_for_the_same_panels(tiny_config):
         all_measured = embeddings(**inputs, measured_gene_mask=measured)
         measured[: tiny_config.num_genes // 2] = False
         half_measured = embeddings(**inputs, measured_gene_mask=measured)
-        per_cell = embeddings(**inputs, measured_gene_mask=torch.stack([measured, ~measured, measured, ~measured]))
+        per_cell = embeddings(**inputs, measured_gene_mask=torch.stack([measured, ~measured] * 2))
     with torch.enable_grad():  # never cached
         uncached_half = embeddings(**inputs, measured_gene_mask=measured).detach()
         uncached_per_cell = embeddings(**inputs, measured_gene_mask=torch.stack([measured, ~measured] * 2)).detach()
