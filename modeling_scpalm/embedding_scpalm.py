@@ -178,7 +178,9 @@ class ScPaLMEmbeddings(nn.Module):
     def _panel_pool(self, vocabulary: dict, name: str, panels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Each panel's pool (panels, heads, N, head_dim) of its genes' vocabulary keys and values (`name`: "zero" or
         "reference"). A pool over the whole panel costs as much as a batch's expressed pool (measured: 5% of tiny
-        inference), so a cached vocabulary keeps the last panels' pools: inference batches share their panels."""
+        inference), so a cached vocabulary keeps the last panels' pools: inference batches share their panels.
+        Callers pick each cell's pool with `index_select`, whose backward sums the cells' gradients in a fixed order;
+        indexing's backward sums them in thread order, and two seeded runs trained to different weights."""
         cached = vocabulary.get("panel_pools", {}).get((name, dtype))
         if cached is not None and torch.equal(cached[0], panels):
             return cached[1]
@@ -221,7 +223,7 @@ class ScPaLMEmbeddings(nn.Module):
         gene_projections = F.embedding(gene_ids, vocabulary["gene_projections"])
         vectors = self._expressed_gene_vectors(gene_ids, gene_values, gene_projections)
         expressed_pool = self._attend(self._key_rows(vectors), self.value(vectors), expressed)
-        reference_pool = self._panel_pool(vocabulary, "reference", panels, vectors.dtype)[panel_of_cell]
+        reference_pool = self._panel_pool(vocabulary, "reference", panels, vectors.dtype).index_select(0, panel_of_cell)
         zero_deviation = self._zero_deviation(vocabulary, gene_ids, expressed, panels, panel_of_cell)
         return self._tokens(_normalise_heads(expressed_pool - reference_pool), zero_deviation)
 
@@ -239,7 +241,7 @@ class ScPaLMEmbeddings(nn.Module):
             # A cell with no expressed gene keeps its softmax off an empty set; its deviation is zeroed below.
             mask = expressed[cells] | ~has_expressed[cells, None]
             expressed_as_zero = self._attend(keys, values, mask, null_gene=False)
-            panel_zero_pool = self._panel_pool(vocabulary, "zero", panels, dtype)[panel_of_cell[cells]]
+            panel_zero_pool = self._panel_pool(vocabulary, "zero", panels, dtype).index_select(0, panel_of_cell[cells])
             deviation = panel_zero_pool - expressed_as_zero
             cancelled = deviation.norm(dim=-1) < ZERO_POOL_CANCELLATION_LIMIT * panel_zero_pool.norm(dim=-1)
             return _normalise_heads(deviation), cancelled.flatten(1).any(1) & has_expressed[cells]
@@ -271,7 +273,8 @@ class ScPaLMEmbeddings(nn.Module):
         expressed_pool = self._attend(keys, values, expressed)
         zero_pool = self._attend(keys, values, measured & ~expressed)
         reference_pool, panel_zero_pool = (
-            self._panel_pool(vocabulary, name, panels, vectors.dtype)[panel_of_cell] for name in ("reference", "zero")
+            self._panel_pool(vocabulary, name, panels, vectors.dtype).index_select(0, panel_of_cell)
+            for name in ("reference", "zero")
         )
         return self._tokens(
             _normalise_heads(expressed_pool - reference_pool), _normalise_heads(zero_pool - panel_zero_pool)

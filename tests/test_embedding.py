@@ -93,6 +93,27 @@ def test_sparse_path_gradients_equal_dense_path_gradients(tiny_config):
         torch.testing.assert_close(sparse_grads[name], parameter.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_gradients_are_the_same_bits_from_run_to_run_on_two_threads(model):
+    """A seeded run must train to the same weights, so that a resumed run can be checked against an unbroken one.
+    Indexing a pool by each cell's panel accumulated its gradient in thread order (1e-9 apart from run to run)."""
+    inputs = sparse_inputs(random_cells(64, model.config.num_genes, seed=3))
+    measured = torch.ones(model.config.num_genes, dtype=torch.bool)
+    weights = torch.randn(64, model.config.num_pathway_tokens, model.config.hidden_size)
+    embeddings, threads = model.embeddings.train(), torch.get_num_threads()
+    grads = []
+    try:
+        torch.set_num_threads(2)
+        for _ in range(3):
+            embeddings.zero_grad()
+            (embeddings(**inputs, measured_gene_mask=measured) * weights).sum().backward()
+            grads.append({name: p.grad.clone() for name, p in embeddings.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    for later in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.equal(later[name], grad), name
+
+
 def nearly_fully_expressed_cells(num_genes: int) -> np.ndarray:
     """A cell expressing its whole panel (its zero pool is the null gene alone) and one missing five genes: the
     zero genes' softmax share is small, and float32 alone would lose the zero pool's deviation."""
