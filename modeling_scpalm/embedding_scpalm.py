@@ -74,7 +74,9 @@ class ScPaLMEmbeddings(nn.Module):
         self.pool_logit_scale = nn.Parameter(torch.empty(config.num_attention_heads))
         self.null_gene = nn.Parameter(torch.empty(hidden))
         self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        # No value bias: every pool is compared with a reference pool over the same kind of values and softmax
+        # weights sum to one, so a bias cancels (it only took Adam steps on rounding noise).
+        self.value = nn.Linear(hidden, hidden, bias=False)
         self.pool_fusion = nn.Linear(2 * hidden, hidden)
         self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self._vocabulary_cache = None  # (weights key, vocabulary tensors): see `_vocabulary`
@@ -132,19 +134,25 @@ class ScPaLMEmbeddings(nn.Module):
         keys = self.key(states).unflatten(-1, (self.num_heads, self.head_dim))
         return F.normalize(keys, dim=-1).flatten(-2)
 
-    def _attend(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, null_gene: bool = True) -> torch.Tensor:
-        """Pool (batch, L, hidden) unit keys and values where `mask` (batch, L) holds, the null gene too if asked:
-        (batch, heads, N, head_dim). The logit scale multiplies the N unit queries rather than the many keys."""
+    def _queries(self) -> torch.Tensor:
+        """(heads, N, head_dim): the N unit queries per head times the head's logit scale (which multiplies the N
+        queries rather than the many keys)."""
+        logit_scale = self.pool_logit_scale.clamp(max=MAX_POOL_LOGIT_SCALE).exp()[:, None, None]
+        return F.normalize(self._heads(self.token_queries), dim=-1) * logit_scale
+
+    def _attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, null_gene: bool = True
+    ) -> torch.Tensor:
+        """Pool (batch, L, hidden) unit keys and values where `mask` (batch, L) holds, the null gene too if asked, with
+        the (heads, N, head_dim) `_queries`: (batch, heads, N, head_dim)."""
         if null_gene:
             batch = keys.shape[0]
             null_key, null_value = self._key_rows(self.null_gene), self.value(self.null_gene)
             keys = torch.cat([null_key.expand(batch, 1, -1).to(keys.dtype), keys], dim=1)
             values = torch.cat([null_value.expand(batch, 1, -1).to(values.dtype), values], dim=1)
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
-        logit_scale = self.pool_logit_scale.clamp(max=MAX_POOL_LOGIT_SCALE).exp()[:, None, None]
-        queries = (F.normalize(self._heads(self.token_queries), dim=-1) * logit_scale).to(keys.dtype)
         return F.scaled_dot_product_attention(
-            queries.expand(keys.shape[0], -1, -1, -1), self._heads(keys), self._heads(values),
+            queries.to(keys.dtype).expand(keys.shape[0], -1, -1, -1), self._heads(keys), self._heads(values),
             attn_mask=mask[:, None, None, :], scale=1.0,
         )
 
@@ -175,19 +183,20 @@ class ScPaLMEmbeddings(nn.Module):
             name: (self._key_rows(v), self.value(v)) for name, v in vectors.items()
         }
 
-    def _panel_pool(self, vocabulary: dict, name: str, panels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _panel_pool(self, vocabulary: dict, name: str, panels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Each panel's pool (panels, heads, N, head_dim) of its genes' vocabulary keys and values (`name`: "zero" or
         "reference"). A pool over the whole panel costs as much as a batch's expressed pool (measured: 5% of tiny
         inference), so a cached vocabulary keeps the last panels' pools: inference batches share their panels.
         Callers pick each cell's pool with `index_select`, whose backward sums the cells' gradients in a fixed order;
         indexing's backward sums them in thread order, and two seeded runs trained to different weights."""
-        cached = vocabulary.get("panel_pools", {}).get((name, dtype))
+        cached = vocabulary.get("panel_pools", {}).get((name, queries.dtype))
         if cached is not None and torch.equal(cached[0], panels):
             return cached[1]
-        keys, values = (tensor.to(dtype).expand(panels.shape[0], -1, -1) for tensor in vocabulary[name])
-        pool = self._attend(keys, values, panels)
+        keys, values = (tensor.to(queries.dtype).expand(panels.shape[0], -1, -1) for tensor in vocabulary[name])
+        pool = self._attend(queries, keys, values, panels)
         if "panel_pools" in vocabulary:
-            vocabulary["panel_pools"][name, dtype] = (panels.clone(), pool)  # the caller may change its mask in place
+            # A clone: the caller may change its mask in place.
+            vocabulary["panel_pools"][name, queries.dtype] = (panels.clone(), pool)
         return pool
 
     def _tokens(self, expressed_deviation: torch.Tensor, zero_deviation: torch.Tensor) -> torch.Tensor:
@@ -222,35 +231,39 @@ class ScPaLMEmbeddings(nn.Module):
         vocabulary = self._vocabulary()
         gene_projections = F.embedding(gene_ids, vocabulary["gene_projections"])
         vectors = self._expressed_gene_vectors(gene_ids, gene_values, gene_projections)
-        expressed_pool = self._attend(self._key_rows(vectors), self.value(vectors), expressed)
-        reference_pool = self._panel_pool(vocabulary, "reference", panels, vectors.dtype).index_select(0, panel_of_cell)
-        zero_deviation = self._zero_deviation(vocabulary, gene_ids, expressed, panels, panel_of_cell)
+        queries = self._queries().to(vectors.dtype)
+        expressed_pool = self._attend(queries, self._key_rows(vectors), self.value(vectors), expressed)
+        reference_pool = self._panel_pool(vocabulary, "reference", panels, queries).index_select(0, panel_of_cell)
+        zero_deviation = self._zero_deviation(vocabulary, queries, gene_ids, expressed, panels, panel_of_cell)
         return self._tokens(_normalise_heads(expressed_pool - reference_pool), zero_deviation)
 
-    def _zero_deviation(self, vocabulary, gene_ids, expressed, panels, panel_of_cell) -> torch.Tensor:
+    def _zero_deviation(self, vocabulary, queries, gene_ids, expressed, panels, panel_of_cell) -> torch.Tensor:
         """The centred zero pool, normalised per head, from the cell's expressed genes alone (module docstring).
 
         It is a difference of two pools that agree but for the zero genes' share of the panel's softmax. Where that
         difference is under `ZERO_POOL_CANCELLATION_LIMIT` of the pools' size in the model's dtype (a cell expressing
-        nearly all of its panel), the cell is recomputed in float64.
+        nearly all of its panel), the cell is recomputed in float64. The queries and zero-gene rows are cast to float64
+        once, so that the two pools' large, nearly opposite gradients meet and cancel in float64 (cast separately, they
+        met in float32 at the parameters and left gradient errors of up to 3%).
         """
         has_expressed = expressed.any(1)
 
-        def normalised_deviation(cells, dtype):
-            keys, values = (F.embedding(gene_ids[cells], rows).to(dtype) for rows in vocabulary["zero"])
+        def normalised_deviation(cells, vocabulary, queries):
+            keys, values = (F.embedding(gene_ids[cells], rows).to(queries.dtype) for rows in vocabulary["zero"])
             # A cell with no expressed gene keeps its softmax off an empty set; its deviation is zeroed below.
             mask = expressed[cells] | ~has_expressed[cells, None]
-            expressed_as_zero = self._attend(keys, values, mask, null_gene=False)
-            panel_zero_pool = self._panel_pool(vocabulary, "zero", panels, dtype).index_select(0, panel_of_cell[cells])
+            expressed_as_zero = self._attend(queries, keys, values, mask, null_gene=False)
+            panel_zero_pool = self._panel_pool(vocabulary, "zero", panels, queries).index_select(0, panel_of_cell[cells])
             deviation = panel_zero_pool - expressed_as_zero
             cancelled = deviation.norm(dim=-1) < ZERO_POOL_CANCELLATION_LIMIT * panel_zero_pool.norm(dim=-1)
             return _normalise_heads(deviation), cancelled.flatten(1).any(1) & has_expressed[cells]
 
         all_cells = torch.arange(gene_ids.shape[0], device=gene_ids.device)
-        deviation, cancelled = normalised_deviation(all_cells, vocabulary["zero"][0].dtype)
+        deviation, cancelled = normalised_deviation(all_cells, vocabulary, queries)
         if cancelled.any():
             precise_cells = all_cells[cancelled]
-            precise, _ = normalised_deviation(precise_cells, torch.float64)
+            zero_rows = tuple(rows.to(torch.float64) for rows in vocabulary["zero"])
+            precise, _ = normalised_deviation(precise_cells, {"zero": zero_rows}, queries.to(torch.float64))
             deviation = deviation.index_put((precise_cells,), precise.to(deviation.dtype))
         return torch.where(has_expressed[:, None, None, None], deviation, 0.0)
 
@@ -269,11 +282,11 @@ class ScPaLMEmbeddings(nn.Module):
         expressed = measured & (expression != 0)
         vocabulary = self._vocabulary()
         vectors = self._dense_gene_vectors(expression, vocabulary["gene_projections"])
-        keys, values = self._key_rows(vectors), self.value(vectors)
-        expressed_pool = self._attend(keys, values, expressed)
-        zero_pool = self._attend(keys, values, measured & ~expressed)
+        keys, values, queries = self._key_rows(vectors), self.value(vectors), self._queries().to(vectors.dtype)
+        expressed_pool = self._attend(queries, keys, values, expressed)
+        zero_pool = self._attend(queries, keys, values, measured & ~expressed)
         reference_pool, panel_zero_pool = (
-            self._panel_pool(vocabulary, name, panels, vectors.dtype).index_select(0, panel_of_cell)
+            self._panel_pool(vocabulary, name, panels, queries).index_select(0, panel_of_cell)
             for name in ("reference", "zero")
         )
         return self._tokens(

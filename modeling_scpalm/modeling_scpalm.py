@@ -381,6 +381,8 @@ def _info_nce(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
 # The pretraining heads' weights: a pretrained folder keeps them (as BERT's keep the MLM head); the encoder and the
 # classifier load from it without them, silently.
 PRETRAINING_HEAD_KEYS = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
+# Weights that folders saved by earlier versions hold and the model no longer has: they load without them, silently.
+RETIRED_KEYS = [r"embeddings\.value\.bias$"]
 
 
 class ScPaLMPreTrainedModel(PreTrainedModel):
@@ -498,7 +500,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
     """Embedding, pathway encoder and quantizer (stage 1) and the cell encoder (stage 2); gives h_C."""
 
     _auto_class = "AutoModel"
-    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS + RETIRED_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -569,7 +571,7 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
     """Stage 1: reconstruct every measured gene from the quantized pathway tokens, plus the commitment loss."""
 
     _auto_class = "AutoModelForPreTraining"
-    _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\."]
+    _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\.", *RETIRED_KEYS]
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -615,7 +617,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
     """Stage 2 (section 3.3, Algorithm 2): cell token, masked reconstruction and pseudo-label contrast."""
 
     _auto_class = "AutoModelForPreTraining"
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", *RETIRED_KEYS]
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -699,7 +701,7 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
     """A linear classifier on h_C, for fine-tuning with `Trainer`."""
 
     _auto_class = "AutoModelForSequenceClassification"
-    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS + RETIRED_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)

@@ -142,11 +142,9 @@ def test_nearly_fully_expressed_cells_keep_float32_gradients_close_to_float64(ti
     (embeddings(**sparse_inputs(dense), measured_gene_mask=measured) * weights).sum().backward()
     (reference.forward_dense(torch.from_numpy(dense).double(), measured) * weights.double()).sum().backward()
     for (name, parameter), exact in zip(embeddings.named_parameters(), reference.parameters()):
-        scale = exact.grad.abs().max()
-        if scale < 1e-9:  # the value bias cancels from every centred pool: its gradient is rounding alone
-            continue
-        # Measured: at most 1.2e-3 of the largest entry; 2-4% without the float64 recomputation.
-        assert (parameter.grad.double() - exact.grad).abs().max() < 5e-3 * scale, name
+        # Measured over 20 seeds: at most 1.6e-5 of the largest entry; 0.1-2.7% with the two float64 pools' inputs
+        # cast separately, 8-140% without the float64 recomputation.
+        assert (parameter.grad.double() - exact.grad).abs().max() < 1e-4 * exact.grad.abs().max(), name
 
 
 def test_gene_order_does_not_change_the_cell_embedding(model, tiny_config):

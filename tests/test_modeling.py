@@ -146,6 +146,21 @@ def test_save_and_reload_give_identical_outputs(tiny_config, inputs, tmp_path):
     torch.testing.assert_close(_outputs(reloaded, inputs).reconstruction, _outputs(model, inputs).reconstruction)
 
 
+def test_a_folder_with_the_retired_value_bias_loads_silently_to_the_same_function(tiny_config, inputs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = ScPaLMForPathwayReconstruction(tiny_config)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    # As earlier versions saved it: a value bias, which cancels in the centred pools whatever its value.
+    saved["scpalm.embeddings.value.bias"] = torch.randn(tiny_config.hidden_size)
+    save_file(saved, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for model_class in (ScPaLMForPathwayReconstruction, ScPaLMModel):
+        reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["unexpected_keys"] and not info["missing_keys"], model_class
+    torch.testing.assert_close(_outputs(reloaded, inputs).cell_embedding, _outputs(model.scpalm, inputs).cell_embedding)
+
+
 def test_auto_classes_load_a_saved_folder(tiny_config, inputs, tmp_path):
     stage_two = ScPaLMForCellPretraining(tiny_config)
     stage_two.save_pretrained(tmp_path)
