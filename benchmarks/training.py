@@ -2,7 +2,7 @@
 
     python benchmarks/training.py                          # tiny and small on CPU, batch 64
     python benchmarks/training.py --presets paper --device cuda --dtype bfloat16 --batch_size 128
-    python benchmarks/training.py --compile                # adds each stage under torch.compile (inductor)
+    python benchmarks/training.py --compile                # adds each stage under torch.compile, timed in turn
     python benchmarks/training.py --quick                  # seconds: what CI runs
 
 Batches come from pbmc3k through the pretraining dataset and collator (random cells: `pretrain` groups cells of
@@ -21,7 +21,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import command_line, pbmc3k_dataset, peak_tflops, print_table, seconds, step_flops, training_step
+from _common import (
+    command_line,
+    interleaved_seconds,
+    pbmc3k_dataset,
+    peak_tflops,
+    print_table,
+    step_flops,
+    training_step,
+)
 
 
 def parse_args(argv=None):
@@ -88,17 +96,20 @@ def measure(args, dataset_dir):
             torch.manual_seed(0)
             loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
             batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
+            steps, models = {}, {}
             for mode in ("eager", "torch.compile") if args.compile else ("eager",):
                 torch.manual_seed(0)
-                model = model_class(config).to(device).train()
+                models[mode] = model = model_class(config).to(device).train()
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
                 if mode == "torch.compile":
                     model = torch.compile(model, dynamic=True)
-                step = partial(training_step, model, optimizer, iter(batches * 2), dtype)
-                step_seconds = seconds(step, repeats=args.steps, warmup=2)
-                if mode == "eager":  # counted after the timing, on the batches timed; compiled: the same FLOPs
-                    flops = statistics.mean(step_flops(model, batch, dtype) for batch in batches[2:])
-                results[preset, stage, mode] = step_seconds, flops
+                steps[mode] = partial(training_step, model, optimizer, iter(batches * 2), dtype)
+            # Eager and compiled steps in turn, each model on the same batches (compilation in the warm-up steps).
+            step_seconds = interleaved_seconds(steps, repeats=args.steps, warmup=2)
+            # Counted after the timing, on the batches timed; the compiled model does the same FLOPs.
+            flops = statistics.mean(step_flops(models["eager"], batch, dtype) for batch in batches[2:])
+            for mode, mode_seconds in step_seconds.items():
+                results[preset, stage, mode] = mode_seconds, flops
     return results
 
 
