@@ -381,7 +381,8 @@ def _info_nce(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
 # The pretraining heads' weights: a pretrained folder keeps them (as BERT's keep the MLM head); the encoder and the
 # classifier load from it without them, silently.
 PRETRAINING_HEAD_KEYS = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
-# Weights that folders saved by earlier versions hold and the model no longer has: they load without them, silently.
+# Weights that folders saved by earlier versions hold and the model no longer has: they load without them, silently
+# (every head holds an ScPaLMModel, and transformers gathers its children's patterns).
 RETIRED_KEYS = [r"embeddings\.value\.bias$"]
 
 
@@ -571,7 +572,7 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
     """Stage 1: reconstruct every measured gene from the quantized pathway tokens, plus the commitment loss."""
 
     _auto_class = "AutoModelForPreTraining"
-    _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\.", *RETIRED_KEYS]
+    _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\."]
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -617,7 +618,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
     """Stage 2 (section 3.3, Algorithm 2): cell token, masked reconstruction and pseudo-label contrast."""
 
     _auto_class = "AutoModelForPreTraining"
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", *RETIRED_KEYS]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -701,7 +702,7 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
     """A linear classifier on h_C, for fine-tuning with `Trainer`."""
 
     _auto_class = "AutoModelForSequenceClassification"
-    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS + RETIRED_KEYS
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
