@@ -96,7 +96,7 @@ def enrichment(code_genes: list[list[str]], gene_sets: dict[str, set[str]], univ
 
 
 def identify_pathways(model, processor, adata, gene_sets, num_genes: int = 10, layer: str | None = None,
-                      is_normalized: bool = False, batch_size: int = 256):
+                      is_normalized: bool = False, batch_size: int | None = None):
     """
     The whole of Appendix D on a model and an AnnData: each cell's pathway codes, the code-by-gene association
     (from the expression in `X` or `layers[layer]`), each code's `num_genes` top genes, and their over-representation

@@ -17,7 +17,7 @@ def benchmarks_importable(monkeypatch):
 
 @pytest.mark.parametrize(
     "script, options",
-    [("inference", []), ("vocabulary", []), ("training", []), ("data_pipeline", []), ("probe", []),
+    [("inference", []), ("vocabulary", []), ("training", []), ("data_pipeline", []), ("probe", []), ("batching", []),
      pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
      pytest.param("training", ["--compile"], marks=pytest.mark.slow)],
 )
