@@ -18,8 +18,8 @@ REPRESENTATIONS = {
     "pathway_codes": lambda output: output.pathway_codes,
 }
 # A CPU embeds fastest when a batch's gene vectors (padded gene entries x hidden floats: 8 MiB in float32) stay in its
-# cache: on pbmc3k with 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.6x and 2.4x
-# the cells/s of 256 cells a batch (`benchmarks/batching.py`). GPUs take `ACCELERATOR_BATCH_SIZE` cells.
+# cache: on pbmc3k with 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.4-2.6x and
+# 2.0-2.4x the cells/s of 256 cells a batch in two runs (`benchmarks/batching.py`). GPUs take `ACCELERATOR_BATCH_SIZE`.
 CPU_BATCH_FLOATS = 2**21
 ACCELERATOR_BATCH_SIZE = 256
 
