@@ -17,9 +17,11 @@ REPRESENTATIONS = {
     "encoder_mean": lambda output: output.pathway_hidden_states.mean(1),
     "pathway_codes": lambda output: output.pathway_codes,
 }
-# A CPU embeds fastest when a batch's gene vectors (padded gene entries x hidden floats: 8 MiB in float32) stay in its
-# cache: on pbmc3k with 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.4-2.6x and
-# 2.0-2.4x the cells/s of 256 cells a batch in two runs (`benchmarks/batching.py`). GPUs take `ACCELERATOR_BATCH_SIZE`.
+# On CPU, a batch's gene vectors (padded gene entries x hidden floats) are best kept to 8 MiB in float32: on pbmc3k with
+# 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.4-2.6x and 2.0-2.4x the cells/s of
+# 256 cells a batch in two runs (`benchmarks/batching.py`). What large batches pay for is fresh memory: glibc's malloc
+# maps each large tensor anew from the OS, page-faulting it in; with its mmap and trim thresholds raised (environment
+# variables), 256-cell batches ran 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
 CPU_BATCH_FLOATS = 2**21
 ACCELERATOR_BATCH_SIZE = 256
 
@@ -56,7 +58,7 @@ def embed_anndata(model, processor, adata, batch_size: int | None = None, is_nor
                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """
     One row per cell, computed in batches of cells with similar numbers of non-zero genes (`inference_batches`:
-    `batch_size` cells each, or by default sized to the CPU's cache, 256 cells on a GPU): by default h_C
+    `batch_size` cells each, or by default a few MiB of gene vectors on CPU, 256 cells on a GPU): by default h_C
     `(cells, hidden)`; `representation` picks another of `REPRESENTATIONS` (`"pathway_codes"` gives `(cells, N)`
     code indices). `autocast_dtype` (e.g. `torch.bfloat16` on a GPU) runs the model under `torch.autocast`; `model`
     may be `torch.compile`d.
@@ -94,7 +96,7 @@ def embed(argv=None):
     parser.add_argument("--output", required=True, help="the .h5ad to write: the input plus obsm['X_scpalm']")
     parser.add_argument("--layer", help="take counts from this layer instead of X")
     parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
-    parser.add_argument("--batch_size", type=int, help="cells per batch (default: batches sized to the CPU's cache, "
+    parser.add_argument("--batch_size", type=int, help="cells per batch (default: a few MiB of gene vectors a batch on CPU, "
                         f"{ACCELERATOR_BATCH_SIZE} cells on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--key", default="X_scpalm", help="the obsm key")

@@ -57,7 +57,7 @@ def imputation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, flo
 def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask: np.ndarray,
                       batch_size: int | None = None):
     """A stage-1 model's reconstruction (`ScPaLMForPathwayReconstruction`) at the hidden entries, in batches of cells
-    of similar lengths (`inference_batches`: `batch_size` cells each, or by default sized to the CPU's cache)."""
+    of similar lengths (`inference_batches`: `batch_size` cells each, or sized by gene entries by default)."""
     from .cli import inference_batches
 
     device = next(model.parameters()).device
