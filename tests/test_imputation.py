@@ -55,8 +55,8 @@ def test_a_stage_one_model_predicts_every_hidden_value(pbmc3k, pbmc3k_processor)
     model = ScPaLMForPathwayReconstruction(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes))
     predicted = impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=16)
     assert predicted.shape == masked.values.shape and np.isfinite(predicted).all()
-    # A cell's reconstruction does not depend on its batch: every batch's slice lands on its own cells, with fixed
-    # batches as with the default ones (sized by gene entries, so cell 0 is not first in its batch).
+    # A cell's reconstruction does not depend on its batch: every batch's entries land on its own cells (batches hold
+    # cells sorted by length, not in input order), with fixed batches as with the default ones (by gene entries).
     for batch_size in (64, None):
         np.testing.assert_allclose(impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=batch_size),
                                    predicted, rtol=1e-4, atol=1e-5, err_msg=str(batch_size))
