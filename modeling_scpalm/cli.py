@@ -71,6 +71,8 @@ def embed_anndata(model, processor, adata, batch_size: int | None = None, is_nor
         raise ValueError(f"Unknown representation {representation!r}: choose one of {sorted(REPRESENTATIONS)}.")
     if representation == "pathway_codes" and not model.config.use_quantizer:
         raise ValueError("This model has no quantizer (`config.use_quantizer` is False), so no pathway codes.")
+    if adata.n_obs == 0:
+        raise ValueError("The AnnData has no cells: nothing to embed.")
     gene_ids = anndata_gene_ids(adata)
     cells, measured = processor.transform(adata.layers[layer] if layer else adata.X, adata.var_names, gene_ids, is_normalized)
     device = next(model.parameters()).device

@@ -106,6 +106,8 @@ def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cel
     assert embed_anndata(model, pbmc3k_processor, cells, progress=False, representation="pathway_codes").dtype == np.int64
     with pytest.raises(ValueError, match="choose one of"):
         embed_anndata(model, pbmc3k_processor, cells, representation="mean")
+    with pytest.raises(ValueError, match="no cells"):
+        embed_anndata(model, pbmc3k_processor, cells[:0])
 
 
 @pytest.mark.slow
