@@ -29,6 +29,8 @@ def mask_for_imputation(cells: sp.csr_matrix, fraction: float = 0.1, seed: int =
     cells = sp.csr_matrix(cells, dtype=np.float32, copy=True)
     cells.eliminate_zeros()
     counts = np.diff(cells.indptr)
+    if len(counts) == 0:
+        raise ValueError("There are no cells: nothing to hide.")
     if (counts < 2).any():
         raise ValueError(f"{int((counts < 2).sum())} cell(s) have fewer than 2 non-zero values: nothing to hide.")
     # Weighted sampling without replacement by exponential race: the k smallest E_i / w_i, E_i ~ Exp(1).

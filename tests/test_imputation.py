@@ -46,6 +46,8 @@ def test_bad_inputs_name_the_problem():
         mask_for_imputation(sp.csr_matrix(np.ones((2, 3))), fraction=1.5)
     with pytest.raises(ValueError, match="fewer than 2 non-zero"):
         mask_for_imputation(sp.csr_matrix(np.array([[1.0, 0.0], [1.0, 2.0]])))
+    with pytest.raises(ValueError, match="no cells"):
+        mask_for_imputation(sp.csr_matrix(np.zeros((0, 3))))
 
 
 def test_a_stage_one_model_predicts_every_hidden_value(pbmc3k, pbmc3k_processor):
