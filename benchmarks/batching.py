@@ -3,7 +3,7 @@
     python benchmarks/batching.py               # tiny and small presets, CPU
     python benchmarks/batching.py --quick       # seconds: what CI runs
 
-On CPU the default sizes each batch by its gene entries (`modeling_scpalm.cli.inference_batches`): cells sorted by
+On CPU the default sizes each batch by its gene entries (`modeling_scpalm.data_scpalm.inference_batches`): cells sorted by
 length, as many as keep the padded batch within `CPU_BATCH_FLOATS / hidden_size` entries. Every run embeds the same
 cells end to end (gene matching and normalisation included, as a user's call does), the runs taking turns.
 """
@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from modeling_scpalm import ScPaLMConfig, ScPaLMModel, ScPaLMProcessor, embed_anndata
-    from modeling_scpalm.cli import inference_batches
+    from modeling_scpalm.data_scpalm import inference_batches
 
     args = parse_args(argv)
     torch.manual_seed(0)

@@ -223,4 +223,40 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
     return panels
 
 
-__all__ = ["build_pretraining_dataset", "load_pretraining_dataset", "load_gene_panels", "BuildReport", "LengthGroupedSampler"]
+# On CPU, a batch's gene vectors (padded gene entries x hidden floats) are best kept to 8 MiB in float32: on pbmc3k with
+# 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.4-2.6x and 2.0-2.4x the cells/s of
+# 256 cells a batch in two runs (`benchmarks/batching.py`). What large batches pay for is fresh memory: glibc's malloc
+# maps each large tensor anew from the OS, page-faulting it in; with its mmap and trim thresholds raised (environment
+# variables), 256-cell batches ran 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
+CPU_BATCH_FLOATS = 2**21
+ACCELERATOR_BATCH_SIZE = 256
+
+
+def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.device, batch_size: int | None = None
+                      ) -> list[np.ndarray]:
+    """
+    Cells sorted by their number of non-zero genes (`lengths`), so that a batch pads little, cut into batches of row
+    indices: `batch_size` cells each when given; by default on CPU as many as keep the padded batch (cells x its longest
+    cell) within `CPU_BATCH_FLOATS / hidden_size` gene entries (at least one cell), elsewhere `ACCELERATOR_BATCH_SIZE`.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive number of cells, got {batch_size}.")
+    order = np.argsort(lengths, kind="stable")
+    if batch_size is not None or device.type != "cpu":
+        size = batch_size or ACCELERATOR_BATCH_SIZE
+        return [order[start : start + size] for start in range(0, len(order), size)]
+    max_entries = max(CPU_BATCH_FLOATS // hidden_size, 1)
+    sorted_lengths = np.maximum(lengths[order], 1)
+    batches, start = [], 0
+    while start < len(order):
+        # No more than max_entries // (the batch's shortest cell) cells fit; padded to its last (longest) cell, a
+        # batch's entries grow with every cell added, so the cells that fit are a prefix of the window.
+        window = sorted_lengths[start : start + max_entries // sorted_lengths[start]]
+        fits = int((np.arange(1, len(window) + 1) * window <= max_entries).sum())
+        end = start + max(fits, 1)
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+__all__ = ["build_pretraining_dataset", "load_pretraining_dataset", "load_gene_panels", "BuildReport", "LengthGroupedSampler", "inference_batches"]

@@ -60,25 +60,26 @@ def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask:
                       batch_size: int | None = None):
     """A stage-1 model's reconstruction (`ScPaLMForPathwayReconstruction`) at the hidden entries, in batches of cells
     of similar lengths (`inference_batches`: `batch_size` cells each, or sized by gene entries by default)."""
-    from .cli import inference_batches
+    from .data_scpalm import inference_batches
 
     device = next(model.parameters()).device
     model.eval()
     measured = torch.from_numpy(np.asarray(measured_gene_mask)).to(device)
     batches = inference_batches(np.diff(masked.cells.indptr), model.config.hidden_size, device, batch_size)
-    # Each cell's place in the batches' order; the hidden entries sorted by it make each batch's entries one slice.
+    # Each cell's place in the batches' order; the hidden entries sorted by their cell's place make each batch's
+    # entries one slice.
     place = np.empty(masked.cells.shape[0], dtype=np.int64)
     place[np.concatenate(batches)] = np.arange(masked.cells.shape[0])
-    entries = np.argsort(place[masked.rows], kind="stable")
+    entry_places = place[masked.rows]
+    entries = np.argsort(entry_places, kind="stable")
     batch_starts = np.cumsum([0] + [len(rows) for rows in batches])
-    bounds = np.searchsorted(place[masked.rows][entries], batch_starts)
+    bounds = np.searchsorted(entry_places[entries], batch_starts)
     predicted = np.empty(len(masked.values), dtype=np.float32)
     for rows, batch_start, begin, end in zip(batches, batch_starts, bounds[:-1], bounds[1:]):
         inputs = {name: tensor.to(device) for name, tensor in processor.pad(masked.cells[rows]).items()}
         reconstruction = model(**inputs, measured_gene_mask=measured).reconstruction.float().cpu().numpy()
         batch_entries = entries[begin:end]
-        predicted[batch_entries] = reconstruction[place[masked.rows[batch_entries]] - batch_start,
-                                                  masked.columns[batch_entries]]
+        predicted[batch_entries] = reconstruction[entry_places[batch_entries] - batch_start, masked.columns[batch_entries]]
     return predicted
 
 

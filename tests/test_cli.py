@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_scpalm import ScPaLMConfig, ScPaLMModel
-from modeling_scpalm.cli import CPU_BATCH_FLOATS, inference_batches, main
+from modeling_scpalm.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +126,3 @@ def test_embed_compiled_or_in_half_precision_stays_with_float32_eager(saved_mode
     for dtype in ("bfloat16", "float16"):
         error = np.linalg.norm(written[dtype] - written["eager"], axis=1) / np.linalg.norm(written["eager"], axis=1)
         assert np.median(error) < 0.02, (dtype, np.median(error))
-
-
-def test_inference_batches_sort_cells_by_length_and_keep_cpu_batches_within_the_entry_budget():
-    lengths = np.random.default_rng(0).integers(0, 3000, 500)
-    lengths[7] = 10**6  # a cell longer than the budget gets a batch of its own
-    cpu = torch.device("cpu")
-    for hidden in (64, 768):
-        batches = inference_batches(lengths, hidden, cpu)
-        order = np.concatenate(batches)
-        assert sorted(order) == list(range(len(lengths))) and (np.diff(lengths[order]) >= 0).all()
-        padded = [len(rows) * max(lengths[rows].max(), 1) for rows in batches]
-        assert all(size <= CPU_BATCH_FLOATS // hidden for rows, size in zip(batches, padded) if len(rows) > 1)
-        # Greedy: no batch could have taken the next cell.
-        for rows, following in zip(batches, batches[1:]):
-            assert (len(rows) + 1) * lengths[following[0]] > CPU_BATCH_FLOATS // hidden
-        assert [7] in [list(rows) for rows in batches]
-    assert [len(rows) for rows in inference_batches(lengths, 64, cpu, batch_size=200)] == [200, 200, 100]
-    assert {len(rows) for rows in inference_batches(lengths, 64, torch.device("cuda"))} == {256, 244}
-    with pytest.raises(ValueError, match="positive number of cells"):
-        inference_batches(lengths, 64, cpu, batch_size=0)
