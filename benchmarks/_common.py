@@ -246,8 +246,17 @@ def environment() -> str:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        device = f"CPU ({_cpu_name()}, {torch.get_num_threads()} threads)"
     return f"{device}; torch {torch.__version__}; commit {_commit()}"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name where Linux gives it: this project's CPU machines differ from lease to lease."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _commit() -> str:

@@ -32,6 +32,12 @@ cells rarely need it (the smallest ratio over pbmc3k's cells: 0.022 at initialis
 and float32 keeps the training step cheap.
 The panel pools depend on the weights only (once per batch and panel). `forward_dense` computes the same function
 from every gene of every cell, the zero pool literally over the zero genes; the tests hold the sparse path to it.
+
+Inference folds the value path into per-gene tables: leaky_relu is positively homogeneous, so for x > 0
+`u_i = x leaky_relu(P1[i])`, and with `l_i = leaky_relu(P1[i])` the value half of the fusion layer is
+`W_v v_i = x W_v (alpha[i] * l_i) + (W_v W_2) act(x W_1 l_i + b_1) + W_v b_2`. The vectors in brackets are per-gene
+tables and `W_v W_2` one matrix, computed with the cached vocabulary: three GEMMs per expressed gene (this one, the
+key and the value) instead of five. Training, and cells with a negative value, take the unfolded path.
 """
 
 import math
@@ -106,6 +112,31 @@ class ScPaLMEmbeddings(nn.Module):
         value_part = torch.addcmul(self.value_mlp(projected), self._value_rows(self.value_scale, gene_ids), projected)
         return self._fuse(value_part, gene_projections)
 
+    def _folded_value_path(self, gene_projections: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The value path's per-gene tables and its one matrix for x > 0 (module docstring): the MLP's first layer
+        at x = 1, `W_v (alpha * l)`, the gene projections plus `W_v b_2`, and `W_v W_2`."""
+        hidden = gene_projections.shape[-1]
+        value_weight = self.gene_fusion.weight[:, :hidden]
+        first_layer, _, second_layer = self.value_mlp
+        unit_values = F.leaky_relu(self.value_projection)
+        return {
+            "first_layer": F.linear(unit_values, first_layer.weight),
+            "value_direction": F.linear(self.value_scale * unit_values, value_weight),
+            "offset": gene_projections + F.linear(second_layer.bias, value_weight),
+            "second_layer": value_weight @ second_layer.weight,
+        }
+
+    def _folded_gene_vectors(self, folded: dict[str, torch.Tensor], gene_ids: torch.Tensor, gene_values: torch.Tensor):
+        """`_expressed_gene_vectors` from the `_folded_value_path` tables, for x > 0."""
+        first_layer, activation, _ = self.value_mlp
+        values = gene_values.unsqueeze(-1).to(folded["offset"].dtype)
+        hidden_states = activation(torch.addcmul(first_layer.bias, values, self._value_rows(folded["first_layer"], gene_ids)))
+        offsets = torch.addcmul(
+            F.embedding(gene_ids, folded["offset"]), values, self._value_rows(folded["value_direction"], gene_ids)
+        )
+        fused = torch.addmm(offsets.flatten(0, -2), hidden_states.flatten(0, -2), folded["second_layer"].T)
+        return self.gene_layernorm(fused.view_as(offsets))
+
     def _value_rows(self, table: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
         """The genes' rows of a per-gene value table, or its one shared row (broadcast)."""
         if self.share_value_projection:
@@ -140,25 +171,23 @@ class ScPaLMEmbeddings(nn.Module):
         logit_scale = self.pool_logit_scale.clamp(max=MAX_POOL_LOGIT_SCALE).exp()[:, None, None]
         return F.normalize(self._heads(self.token_queries), dim=-1) * logit_scale
 
-    def _attend(
-        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, null_gene: bool = True
-    ) -> torch.Tensor:
-        """Pool (batch, L, hidden) unit keys and values where `mask` (batch, L) holds, the null gene too if asked, with
-        the (heads, N, head_dim) `_queries`: (batch, heads, N, head_dim)."""
-        if null_gene:
-            batch = keys.shape[0]
-            null_key, null_value = self._key_rows(self.null_gene), self.value(self.null_gene)
-            keys = torch.cat([null_key.expand(batch, 1, -1).to(keys.dtype), keys], dim=1)
-            values = torch.cat([null_value.expand(batch, 1, -1).to(values.dtype), values], dim=1)
-            mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pool (batch, L, hidden) unit keys and values where `mask` (batch, L) holds with the (heads, N, head_dim)
+        `_queries`: (batch, heads, N, head_dim)."""
         return F.scaled_dot_product_attention(
             queries.to(keys.dtype).expand(keys.shape[0], -1, -1, -1), self._heads(keys), self._heads(values),
             attn_mask=mask[:, None, None, :], scale=1.0,
         )
 
+    def _with_null_gene(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., L, hidden) gene vectors -> (..., 1 + L, hidden): the null gene in slot 0, where every pool over genes
+        reads it (`_null_slot_mask`). The sparse path writes it into a slot of its own vectors instead, saving a copy."""
+        null_gene = self.null_gene.to(vectors.dtype).expand(*vectors.shape[:-2], 1, -1)
+        return torch.cat([null_gene, vectors], dim=-2)
+
     def _vocabulary(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """The gene projections, and the keys and values (num_genes, hidden) of every vocabulary gene at zero and
-        expressed at x = 1.
+        """The gene projections, and the keys and values (1 + num_genes, hidden) of the null gene (row 0) and of every
+        vocabulary gene at zero and expressed at x = 1.
 
         They cost O(vocabulary x hidden^2) and depend on the weights alone, so inference (eval mode, no grad) computes
         them once and reuses them until a weight changes: any in-place update bumps a tensor's version counter, and
@@ -169,7 +198,9 @@ class ScPaLMEmbeddings(nn.Module):
             return self._compute_vocabulary()
         weights_key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
         if self._vocabulary_cache is None or self._vocabulary_cache[0] != weights_key:
-            self._vocabulary_cache = (weights_key, self._compute_vocabulary() | {"panel_pools": {}})
+            vocabulary = self._compute_vocabulary()
+            vocabulary |= {"panel_pools": {}, "folded_value_path": self._folded_value_path(vocabulary["gene_projections"])}
+            self._vocabulary_cache = (weights_key, vocabulary)
         return self._vocabulary_cache[1]
 
     def _compute_vocabulary(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
@@ -179,6 +210,7 @@ class ScPaLMEmbeddings(nn.Module):
             "zero": self._fuse(self.zero_value, gene_projections),
             "reference": self._expressed_gene_vectors(gene_ids, torch.ones_like(gene_projections[:, 0]), gene_projections),
         }
+        vectors = {name: self._with_null_gene(rows) for name, rows in vectors.items()}
         return {"gene_projections": gene_projections} | {
             name: (self._key_rows(v), self.value(v)) for name, v in vectors.items()
         }
@@ -193,7 +225,7 @@ class ScPaLMEmbeddings(nn.Module):
         if cached is not None and torch.equal(cached[0], panels):
             return cached[1]
         keys, values = (tensor.to(queries.dtype).expand(panels.shape[0], -1, -1) for tensor in vocabulary[name])
-        pool = self._attend(queries, keys, values, panels)
+        pool = self._attend(queries, keys, values, _null_slot_mask(panels))
         if "panel_pools" in vocabulary:
             # A clone: the caller may change its mask in place.
             vocabulary["panel_pools"][name, queries.dtype] = (panels.clone(), pool)
@@ -229,10 +261,17 @@ class ScPaLMEmbeddings(nn.Module):
         panels, panel_of_cell = _gene_panels(measured_gene_mask, gene_ids.shape[0])
         expressed = attention_mask.bool() & panels[panel_of_cell[:, None], gene_ids] & (gene_values != 0)
         vocabulary = self._vocabulary()
-        gene_projections = F.embedding(gene_ids, vocabulary["gene_projections"])
-        vectors = self._expressed_gene_vectors(gene_ids, gene_values, gene_projections)
+        # Slot 0 of every cell's gene vectors is the null gene's (`_with_null_gene`), computed as a gene at zero and
+        # then overwritten: no copy of the keys and values to put it in.
+        slot_ids, slot_values = F.pad(gene_ids, (1, 0)), F.pad(gene_values, (1, 0))
+        if "folded_value_path" in vocabulary and not ((gene_values < 0) & expressed).any():
+            vectors = self._folded_gene_vectors(vocabulary["folded_value_path"], slot_ids, slot_values)
+        else:
+            gene_projections = F.embedding(slot_ids, vocabulary["gene_projections"])
+            vectors = self._expressed_gene_vectors(slot_ids, slot_values, gene_projections)
+        vectors[:, 0] = self.null_gene
         queries = self._queries().to(vectors.dtype)
-        expressed_pool = self._attend(queries, self._key_rows(vectors), self.value(vectors), expressed)
+        expressed_pool = self._attend(queries, self._key_rows(vectors), self.value(vectors), _null_slot_mask(expressed))
         reference_pool = self._panel_pool(vocabulary, "reference", panels, queries).index_select(0, panel_of_cell)
         zero_deviation = self._zero_deviation(vocabulary, queries, gene_ids, expressed, panels, panel_of_cell)
         return self._tokens(_normalise_heads(expressed_pool - reference_pool), zero_deviation)
@@ -249,10 +288,11 @@ class ScPaLMEmbeddings(nn.Module):
         has_expressed = expressed.any(1)
 
         def normalised_deviation(cells, zero_vocabulary, pool_queries):
-            keys, values = (F.embedding(gene_ids[cells], rows).to(pool_queries.dtype) for rows in zero_vocabulary["zero"])
+            # rows[1:]: the genes, without the null gene.
+            keys, values = (F.embedding(gene_ids[cells], rows[1:]).to(pool_queries.dtype) for rows in zero_vocabulary["zero"])
             # A cell with no expressed gene keeps its softmax off an empty set; its deviation is zeroed below.
             mask = expressed[cells] | ~has_expressed[cells, None]
-            expressed_as_zero = self._attend(pool_queries, keys, values, mask, null_gene=False)
+            expressed_as_zero = self._attend(pool_queries, keys, values, mask)
             panel_zero_pool = self._panel_pool(zero_vocabulary, "zero", panels, pool_queries)
             panel_zero_pool = panel_zero_pool.index_select(0, panel_of_cell[cells])
             deviation = panel_zero_pool - expressed_as_zero
@@ -282,10 +322,10 @@ class ScPaLMEmbeddings(nn.Module):
         measured = panels[panel_of_cell]
         expressed = measured & (expression != 0)
         vocabulary = self._vocabulary()
-        vectors = self._dense_gene_vectors(expression, vocabulary["gene_projections"])
+        vectors = self._with_null_gene(self._dense_gene_vectors(expression, vocabulary["gene_projections"]))
         keys, values, queries = self._key_rows(vectors), self.value(vectors), self._queries().to(vectors.dtype)
-        expressed_pool = self._attend(queries, keys, values, expressed)
-        zero_pool = self._attend(queries, keys, values, measured & ~expressed)
+        expressed_pool = self._attend(queries, keys, values, _null_slot_mask(expressed))
+        zero_pool = self._attend(queries, keys, values, _null_slot_mask(measured & ~expressed))
         reference_pool, panel_zero_pool = (
             self._panel_pool(vocabulary, name, panels, queries).index_select(0, panel_of_cell)
             for name in ("reference", "zero")
@@ -301,6 +341,11 @@ def _normalise_heads(deviation: torch.Tensor) -> torch.Tensor:
     deviation = deviation.to(torch.promote_types(deviation.dtype, torch.float32))
     floor = torch.finfo(deviation.dtype).tiny
     return deviation * torch.rsqrt(deviation.pow(2).mean(-1, keepdim=True).clamp_min(floor))
+
+
+def _null_slot_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (..., L) gene mask -> (..., 1 + L), the null gene's slot 0 always attended."""
+    return F.pad(mask, (1, 0), value=True)
 
 
 def _gene_panels(measured_gene_mask: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,6 +74,32 @@ def test_shared_first_layer_has_one_value_row_and_keeps_sparse_equal_to_dense(ti
     torch.testing.assert_close(vectors[0], vectors[1])
 
 
+@pytest.mark.parametrize("share_value_projection", [False, True])
+def test_inference_folds_the_value_path_into_the_same_gene_vectors(tiny_config, share_value_projection):
+    """Inference computes expressed genes' vectors from per-gene tables, exact for x > 0 only: a cell with a negative
+    value must take the unfolded path."""
+    config = copy.deepcopy(tiny_config)
+    config.share_value_projection = share_value_projection
+    torch.manual_seed(0)
+    embeddings = ScPaLMModel(config).eval().embeddings
+    dense = random_cells(4, config.num_genes, seed=9)
+    inputs, measured = sparse_inputs(dense), torch.ones(config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        for parameter in embeddings.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+        gene_ids, gene_values = inputs["gene_ids"], inputs["gene_values"] + 0.01  # padding too: every x > 0
+        folded = embeddings._folded_gene_vectors(embeddings._vocabulary()["folded_value_path"], gene_ids, gene_values)
+        unfolded = embeddings._expressed_gene_vectors(
+            gene_ids, gene_values, torch.nn.functional.embedding(gene_ids, embeddings._gene_projections())
+        )
+        inputs["gene_values"][0, :3] *= -1
+        inference = embeddings(**inputs, measured_gene_mask=measured)
+    torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-4)
+    with torch.enable_grad():  # the training path: never folded
+        training = embeddings(**inputs, measured_gene_mask=measured).detach()
+    torch.testing.assert_close(inference, training, atol=1e-5, rtol=1e-4)
+
+
 def test_sparse_path_gradients_equal_dense_path_gradients(tiny_config):
     torch.manual_seed(0)
     embeddings = ScPaLMEmbeddings(tiny_config)
