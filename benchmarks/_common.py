@@ -110,11 +110,10 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((peak for part, peak in BFLOAT16_PEAK_TFLOPS.items() if part in name), None)
 
 
-def step_flops(model, batch, dtype) -> int:
-    """Model FLOPs of a training step's forward and backward on `batch`, as torch's `FlopCounterMode` counts them:
-    matrix products and attention, not elementwise work, as usual for FLOPs utilisation. The fused attention kernels'
-    backward is counted with the logits it recomputes (one matrix product of five; the attention is a few percent of
-    the FLOPs at the paper's size). Gradients are cleared afterwards."""
+def model_flops(function) -> int:
+    """Model FLOPs of `function()` as torch's `FlopCounterMode` counts them: matrix products and attention, not
+    elementwise work, as usual for FLOPs utilisation. The fused attention kernels' backward is counted with the logits
+    it recomputes (one matrix product of five; the attention is a few percent of the FLOPs at the paper's size)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     def cpu_attention(query, key, value, *args, **kwargs):
@@ -129,13 +128,23 @@ def step_flops(model, batch, dtype) -> int:
         aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward,
     }
-    device = next(model.parameters()).device
     with FlopCounterMode(display=False, custom_mapping=cpu_kernels) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def step_flops(model, batch, dtype) -> int:
+    """`model_flops` of a training step's forward and backward on `batch`; gradients are cleared afterwards."""
+    device = next(model.parameters()).device
+
+    def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss
         loss.backward()
+
+    flops = model_flops(step)
     model.zero_grad()
-    return counter.get_total_flops()
+    return flops
 
 
 def training_step(model, optimizer, batches, dtype):

@@ -22,7 +22,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from _common import command_line, interleaved_seconds, load_pbmc3k, mib, peak_memory, print_table
+from _common import command_line, interleaved_seconds, load_pbmc3k, mib, model_flops, peak_memory, print_table
 
 GENEFORMER_CONTEXT = 2048
 SCGPT_CONTEXT = 1200
@@ -82,20 +82,24 @@ def main(argv=None):
         # Off CUDA, memory is counted by a dispatch mode, under which compiled code runs eagerly: not its memory.
         memory = {name: None if name.endswith("torch.compile") and device.type != "cuda" else peak_memory(run, device)
                   for name, run in longest.items()}
-    results = {name: (elapsed[name], memory[name], tokens[name]) for name in models}
+        # Compiled models compute the same function as their eager rows.
+        flops = {name: None if name.endswith("torch.compile") else model_flops(run) for name, run in runs.items()}
+    results = {name: (elapsed[name], memory[name], tokens[name], flops[name]) for name in models}
 
-    reference_time, reference_memory, _ = results["Geneformer-shaped, ragged"]
+    reference_time, reference_memory, _, _ = results["Geneformer-shaped, ragged"]
     rows = [
-        [name, f"{tokens:,.0f}", elapsed, len(order) / elapsed, reference_time / elapsed]
+        [name, f"{tokens:,.0f}", "as eager" if flops is None else f"{flops / len(order) / 1e9:.3g}", elapsed,
+         len(order) / elapsed, reference_time / elapsed]
         + (["not measured"] * 2 if memory is None else [mib(memory), memory / reference_memory])
-        for name, (elapsed, memory, tokens) in results.items()
+        for name, (elapsed, memory, tokens, flops) in results.items()
     ]
     print_table(
         f"Embedding {len(order):,} pbmc3k cells, preset {args.preset} (hidden {config.hidden_size}, "
         f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads), batch {args.batch_size}, {args.dtype}, {device}",
-        ["model", "tokens per cell", "seconds", "cells/s", "speed vs Geneformer ragged", "peak MiB (longest batch)", "memory vs Geneformer ragged"],
+        ["model", "tokens per cell", "model GFLOP per cell", "seconds", "cells/s", "speed vs Geneformer ragged", "peak MiB (longest batch)", "memory vs Geneformer ragged"],
         rows,
-        note="scPaLM's tokens: N pathway tokens per encoder (its embedding reads every expressed gene). "
+        note="scPaLM's tokens: N pathway tokens per encoder (its embedding reads every expressed gene). Model FLOPs: "
+        "matrix products and attention, as torch's FlopCounterMode counts them. "
         f"Command: {command_line('inference.py', argv)}",
     )
     return results

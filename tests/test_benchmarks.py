@@ -55,6 +55,17 @@ def test_peak_tensor_memory_counts_live_storage_only():
         del z
 
 
+def test_model_flops_count_matrix_products_and_cpu_attention():
+    from _common import model_flops
+
+    x, y = torch.randn(10, 20), torch.randn(20, 30)
+    query, key = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 50, 16)  # (batch, heads, length, head_dim)
+    assert model_flops(lambda: x @ y) == 2 * 10 * 20 * 30
+    # Logits and weighted sum: two products of 8 x 16 by 16 x 50 per batch and head; elementwise work not counted.
+    attention = 2 * (2 * 2 * 4 * 8 * 16 * 50)
+    assert model_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, key, key).relu()) == attention
+
+
 @pytest.mark.slow
 def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     import json
