@@ -191,7 +191,8 @@ class ScPaLMEmbeddings(nn.Module):
 
         They cost O(vocabulary x hidden^2) and depend on the weights alone, so inference (eval mode, no grad) computes
         them once and reuses them until a weight changes: any in-place update bumps a tensor's version counter, and
-        moving the module gives new storage. The cached vocabulary also keeps its panel pools (`_panel_pool`).
+        moving the module gives new storage. The cached vocabulary also keeps its panel pools (`_panel_pool`) and the
+        folded value path's tables (`_folded_value_path`).
         """
         if self.training or torch.is_grad_enabled():
             self._vocabulary_cache = None
