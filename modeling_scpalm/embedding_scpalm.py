@@ -190,14 +190,17 @@ class ScPaLMEmbeddings(nn.Module):
         vocabulary gene at zero and expressed at x = 1.
 
         They cost O(vocabulary x hidden^2) and depend on the weights alone, so inference (eval mode, no grad) computes
-        them once and reuses them until a weight changes: any in-place update bumps a tensor's version counter, and
-        moving the module gives new storage. The cached vocabulary also keeps its panel pools (`_panel_pool`) and the
-        folded value path's tables (`_folded_value_path`).
+        them once and reuses them until a weight or the autocast dtype changes: any in-place update bumps a tensor's
+        version counter, and moving the module gives new storage. The cached vocabulary also keeps its panel pools
+        (`_panel_pool`) and the folded value path's tables (`_folded_value_path`).
         """
         if self.training or torch.is_grad_enabled():
             self._vocabulary_cache = None
             return self._compute_vocabulary()
-        weights_key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        # Under autocast the tables come out in its dtype: a cache made there must not serve a call outside it.
+        device_type = self.gene_embeddings.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        weights_key = (autocast_dtype, *((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
         if self._vocabulary_cache is None or self._vocabulary_cache[0] != weights_key:
             vocabulary = self._compute_vocabulary()
             vocabulary |= {"panel_pools": {}, "folded_value_path": self._folded_value_path(vocabulary["gene_projections"])}

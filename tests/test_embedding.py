@@ -254,6 +254,21 @@ def test_inference_reuses_the_vocabulary_until_a_weight_changes(tiny_config):
     torch.testing.assert_close(after_update, uncached_after_update.detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(tiny_config):
+    """Autocast makes the cached tables bfloat16; reused by a float32 call, they failed in its matrix products."""
+    torch.manual_seed(0)
+    embeddings = ScPaLMModel(tiny_config).eval().embeddings
+    inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            embeddings(**inputs, measured_gene_mask=measured)
+        after_autocast = embeddings(**inputs, measured_gene_mask=measured)
+        embeddings._vocabulary_cache = None
+        plain = embeddings(**inputs, measured_gene_mask=measured)
+    torch.testing.assert_close(after_autocast, plain, rtol=0, atol=0)
+
+
 def test_inference_reuses_panel_pools_only_for_the_same_panels(tiny_config):
     """The cached vocabulary keeps the last panels' pools: another mask, or the same mask tensor changed in place,
     must get its own."""
