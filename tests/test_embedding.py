@@ -231,11 +231,17 @@ def test_shuffled_gene_columns_give_the_same_embedding(pbmc3k, pbmc3k_processor)
     torch.testing.assert_close(original, permuted, atol=1e-5, rtol=1e-4)
 
 
-def test_inference_reuses_the_vocabulary_until_a_weight_changes(tiny_config):
+@pytest.fixture
+def inference_cells(tiny_config):
+    """A fresh embedding in eval mode, four random cells and an all-measured mask: the inference cache's tests."""
     torch.manual_seed(0)
     embeddings = ScPaLMModel(tiny_config).eval().embeddings
     inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
-    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    return embeddings, inputs, torch.ones(tiny_config.num_genes, dtype=torch.bool)
+
+
+def test_inference_reuses_the_vocabulary_until_a_weight_changes(inference_cells):
+    embeddings, inputs, measured = inference_cells
     with torch.no_grad():
         first = embeddings(**inputs, measured_gene_mask=measured)
         cached = embeddings._vocabulary_cache[1]
@@ -254,12 +260,9 @@ def test_inference_reuses_the_vocabulary_until_a_weight_changes(tiny_config):
     torch.testing.assert_close(after_update, uncached_after_update.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(tiny_config):
+def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(inference_cells):
     """Autocast makes the cached tables bfloat16; reused by a float32 call, they failed in its matrix products."""
-    torch.manual_seed(0)
-    embeddings = ScPaLMModel(tiny_config).eval().embeddings
-    inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
-    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    embeddings, inputs, measured = inference_cells
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             embeddings(**inputs, measured_gene_mask=measured)
@@ -269,13 +272,10 @@ def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(tin
     torch.testing.assert_close(after_autocast, plain, rtol=0, atol=0)
 
 
-def test_inference_reuses_panel_pools_only_for_the_same_panels(tiny_config):
+def test_inference_reuses_panel_pools_only_for_the_same_panels(inference_cells, tiny_config):
     """The cached vocabulary keeps the last panels' pools: another mask, or the same mask tensor changed in place,
     must get its own."""
-    torch.manual_seed(0)
-    embeddings = ScPaLMModel(tiny_config).eval().embeddings
-    inputs = sparse_inputs(random_cells(4, tiny_config.num_genes, seed=5))
-    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    embeddings, inputs, measured = inference_cells
     with torch.no_grad():
         all_measured = embeddings(**inputs, measured_gene_mask=measured)
         measured[: tiny_config.num_genes // 2] = False
