@@ -14,7 +14,8 @@ embedding plus an embedding of its value. "ragged" rows pad each batch to its lo
 `scpalm embed` sorts them; "full" rows fill the peer's context (2,048 or 1,200 tokens), as deeper-sequenced cells
 would. Every model embeds the same cells in the same batches; the input tensors are built beforehand, so the times are
 the models' alone, and the models take turns, one pass over the cells each per repeat, so that a slow spell of the
-machine falls on all alike. More cells than pbmc3k's 2,638 are its cells again, in order.
+machine falls on all alike. More cells than pbmc3k's 2,638 are its cells again, in order. Each model's FLOPs per cell
+(matrix products and attention, counted on one more pass) give the arithmetic the speed ratios can be read against.
 """
 
 import argparse
