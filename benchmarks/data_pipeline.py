@@ -92,5 +92,6 @@ def training_cells_per_second(args, dataset_dir) -> float:
     step = partial(training_step, model, optimizer, iter(batches), torch.float32)
     return args.batch_size / seconds(step, repeats=3, warmup=1)
 
+
 if __name__ == "__main__":
     main()

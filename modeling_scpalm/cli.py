@@ -19,6 +19,8 @@ REPRESENTATIONS = {
     "encoder_mean": lambda output: output.pathway_hidden_states.mean(1),
     "pathway_codes": lambda output: output.pathway_codes,
 }
+
+
 def embed_anndata(model, processor, adata, batch_size: int | None = None, is_normalized: bool = False, layer: str | None = None,
                   progress: bool = True, representation: str = "cell_embedding",
                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:

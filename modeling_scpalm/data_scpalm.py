@@ -224,10 +224,11 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
 
 
 # On CPU, a batch's gene vectors (padded gene entries x hidden floats) are best kept to 8 MiB in float32: on pbmc3k with
-# 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.4-2.6x and 2.0-2.4x the cells/s of
-# 256 cells a batch in two runs (`benchmarks/batching.py`). What large batches pay for is fresh memory: glibc's malloc
-# maps each large tensor anew from the OS, page-faulting it in; with its mmap and trim thresholds raised (environment
-# variables), 256-cell batches ran 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
+# 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.0-2.6x and 2.0-3.4x the cells/s of
+# 256 cells a batch in three runs on two CPUs (`benchmarks/batching.py`). What large batches paid for on the AMD one is
+# fresh memory: glibc's malloc maps each large tensor anew from the OS, page-faulting it in; with its mmap and trim
+# thresholds raised (environment variables), 256-cell batches ran 1.9x faster and these no faster. GPUs take
+# `ACCELERATOR_BATCH_SIZE` cells.
 CPU_BATCH_FLOATS = 2**21
 ACCELERATOR_BATCH_SIZE = 256
 

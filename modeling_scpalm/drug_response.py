@@ -385,8 +385,6 @@ def grouped_pcc(pairs: pd.DataFrame, predicted: np.ndarray, by: str, min_pairs: 
     return pd.Series(groups, name="pcc").sort_values(ascending=False)
 
 
-
-
 def scpalm_cell_line_embeddings(model, processor, log2_tpm, batch_size: int | None = None):
     """
     scPaLM's h_C of each cell line's bulk profile (`log2(TPM + 1)`, lines x genes), as a `DataFrame` (lines x hidden).

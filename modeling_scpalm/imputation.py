@@ -11,6 +11,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .data_scpalm import inference_batches
+
 
 @dataclass
 class MaskedCells:
@@ -60,8 +62,6 @@ def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask:
                       batch_size: int | None = None):
     """A stage-1 model's reconstruction (`ScPaLMForPathwayReconstruction`) at the hidden entries, in batches of cells
     of similar lengths (`inference_batches`: `batch_size` cells each, or sized by gene entries by default)."""
-    from .data_scpalm import inference_batches
-
     device = next(model.parameters()).device
     model.eval()
     measured = torch.from_numpy(np.asarray(measured_gene_mask)).to(device)
