@@ -1,6 +1,7 @@
 """Embedding pbmc3k with `embed_anndata` at fixed numbers of cells per batch and at its default batching.
 
     python benchmarks/batching.py               # tiny and small presets, CPU
+    python benchmarks/batching.py --dtype float32 bfloat16   # each batching also under bf16 autocast
     python benchmarks/batching.py --quick       # seconds: what CI runs
 
 On CPU the default sizes each batch by its gene entries (`modeling_scpalm.data_scpalm.inference_batches`): cells sorted by
@@ -23,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--num_cells", type=int, nargs="+", default=[1024, 256], help="cells embedded, per preset")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                        help="autocast dtype (`scpalm embed --dtype`); with several, each batching runs in each")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64 cells, one repeat: checks it runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -48,14 +51,18 @@ def main(argv=None):
         batch_sizes = {f"{size} cells": size for size in FIXED_BATCH_SIZES} | {"default (by gene entries)": None}
         cells_per_batch = {name: np.mean([len(rows) for rows in inference_batches(lengths, model.config.hidden_size, device, size)])
                            for name, size in batch_sizes.items()}
-        runs = {name: partial(embed_anndata, model, processor, adata, size, progress=False) for name, size in batch_sizes.items()}
+        runs = {(name, dtype): partial(embed_anndata, model, processor, adata, size, progress=False,
+                                       autocast_dtype=None if dtype == "float32" else getattr(torch, dtype))
+                for dtype in args.dtype for name, size in batch_sizes.items()}
         elapsed = interleaved_seconds(runs, repeats=args.repeats)
-        reference = elapsed[f"{FIXED_BATCH_SIZES[0]} cells"]
-        rows = [[name, cells_per_batch[name], seconds, num_cells / seconds, reference / seconds] for name, seconds in elapsed.items()]
+        reference = elapsed[f"{FIXED_BATCH_SIZES[0]} cells", args.dtype[0]]
+        rows = [[name, dtype, cells_per_batch[name], seconds, num_cells / seconds, reference / seconds]
+                for (name, dtype), seconds in elapsed.items()]
         print_table(
             f"embed_anndata on {num_cells:,} pbmc3k cells (mean {lengths.mean():,.0f} non-zero genes), preset {preset} "
-            f"(hidden {model.config.hidden_size}), float32, cpu",
-            ["batches", "mean cells per batch", "seconds", "cells/s", f"speed vs {FIXED_BATCH_SIZES[0]} cells"],
+            f"(hidden {model.config.hidden_size}), cpu",
+            ["batches", "dtype", "mean cells per batch", "seconds", "cells/s",
+             f"speed vs {FIXED_BATCH_SIZES[0]} cells, {args.dtype[0]}"],
             rows,
             note=f"Command: {command_line('batching.py', argv)}",
         )

@@ -3,6 +3,7 @@
     python benchmarks/training.py                          # tiny and small on CPU, batch 64
     python benchmarks/training.py --presets paper --device cuda --dtype bfloat16 --batch_size 128
     python benchmarks/training.py --compile                # adds each stage under torch.compile, timed in turn
+    python benchmarks/training.py --dtype float32 bfloat16 # each stage in both, timed in turn (bf16: autocast)
     python benchmarks/training.py --quick                  # seconds: what CI runs
 
 Batches come from pbmc3k through the pretraining dataset and collator (random cells: `pretrain` groups cells of
@@ -15,6 +16,7 @@ bfloat16 on H200, H100 SXM and A100 (`--peak_tflops` gives it for any other devi
 """
 
 import argparse
+import itertools
 import statistics
 import tempfile
 from functools import partial
@@ -37,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up steps)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                        help="autocast dtype; with several, each configuration runs in each, timed in turn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time each stage under torch.compile (dynamic "
                         "shapes; compilation happens in the warm-up steps)")
@@ -55,18 +58,18 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         dataset_dir = pbmc3k_dataset(Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None)
         results = measure(args, dataset_dir)
-    reference, _ = results[args.presets[0], 1, "eager"]
-    peak = args.peak_tflops or peak_tflops(torch.device(args.device), getattr(torch, args.dtype))
+    reference, _ = results[args.presets[0], 1, "eager", args.dtype[0]]
     rows = []
-    for (preset, stage, mode), (step_seconds, flops) in results.items():
+    for (preset, stage, mode, dtype), (step_seconds, flops) in results.items():
+        peak = args.peak_tflops or peak_tflops(torch.device(args.device), getattr(torch, dtype))
         tflops = flops / step_seconds / 1e12
         utilisation = f"{tflops / peak:.1%}" if peak else "no peak known"
-        rows.append([preset, stage, mode, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds,
+        rows.append([preset, stage, mode, dtype, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds,
                      reference / step_seconds, flops / 1e9, tflops, utilisation])
     print_table(
-        f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.dtype}, {args.device})",
-        ["preset", "stage", "mode", "time per step", "cells/s", f"speed vs {args.presets[0]} stage 1, eager",
-         "model GFLOP per step", "model TFLOP/s", "MFU"],
+        f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.device})",
+        ["preset", "stage", "mode", "dtype", "time per step", "cells/s",
+         f"speed vs {args.presets[0]} stage 1, eager, {args.dtype[0]}", "model GFLOP per step", "model TFLOP/s", "MFU"],
         rows,
         note=f"Command: {command_line('training.py', argv)}",
     )
@@ -87,7 +90,7 @@ def measure(args, dataset_dir):
 
     dataset, panels = load_pretraining_dataset(dataset_dir)
     num_genes = ScPaLMProcessor.from_pretrained(dataset_dir).num_genes
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
     results = {}
     for preset in args.presets:
         config = ScPaLMConfig.from_preset(preset, num_genes=num_genes)
@@ -97,19 +100,20 @@ def measure(args, dataset_dir):
             loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
             batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
             steps, models = {}, {}
-            for mode in ("eager", "torch.compile") if args.compile else ("eager",):
+            for mode, dtype in itertools.product(("eager", "torch.compile") if args.compile else ("eager",), args.dtype):
                 torch.manual_seed(0)
-                models[mode] = model = model_class(config).to(device).train()
+                models[mode, dtype] = model = model_class(config).to(device).train()
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
                 if mode == "torch.compile":
                     model = torch.compile(model, dynamic=True)
-                steps[mode] = partial(training_step, model, optimizer, iter(batches * 2), dtype)
-            # Eager and compiled steps in turn, each model on the same batches (compilation in the warm-up steps).
+                steps[mode, dtype] = partial(training_step, model, optimizer, iter(batches * 2), getattr(torch, dtype))
+            # All modes and dtypes in turn, each model on the same batches (compilation in the warm-up steps).
             step_seconds = interleaved_seconds(steps, repeats=args.steps, warmup=2)
-            # Counted after the timing, on the batches timed; the compiled model does the same FLOPs.
-            flops = statistics.mean(step_flops(models["eager"], batch, dtype) for batch in batches[2:])
-            for mode, mode_seconds in step_seconds.items():
-                results[preset, stage, mode] = mode_seconds, flops
+            # Counted after the timing, on the batches timed; the compiled model does its eager twin's FLOPs.
+            flops = {dtype: statistics.mean(step_flops(models["eager", dtype], batch, getattr(torch, dtype)) for batch in batches[2:])
+                     for dtype in args.dtype}
+            for (mode, dtype), mode_seconds in step_seconds.items():
+                results[preset, stage, mode, dtype] = mode_seconds, flops[dtype]
     return results
 
 

@@ -17,7 +17,8 @@ def benchmarks_importable(monkeypatch):
 
 @pytest.mark.parametrize(
     "script, options",
-    [("inference", []), ("vocabulary", []), ("training", []), ("data_pipeline", []), ("probe", []), ("batching", []),
+    [("inference", []), ("vocabulary", []), ("training", ["--dtype", "float32", "bfloat16"]), ("data_pipeline", []),
+     ("probe", []), ("batching", ["--dtype", "float32", "bfloat16"]),
      pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
      pytest.param("training", ["--compile"], marks=pytest.mark.slow)],
 )
