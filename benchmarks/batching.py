@@ -4,9 +4,9 @@
     python benchmarks/batching.py --dtype float32 bfloat16   # each batching also under bf16 autocast
     python benchmarks/batching.py --quick       # seconds: what CI runs
 
-On CPU the default sizes each batch by its gene entries (`modeling_scpalm.data_scpalm.inference_batches`): cells sorted by
-length, as many as keep the padded batch within `CPU_BATCH_FLOATS / hidden_size` entries. Every run embeds the same
-cells end to end (gene matching and normalisation included, as a user's call does), the runs taking turns.
+On CPU the default sizes each batch by its gene vectors (`modeling_scpalm.data_scpalm.inference_batches`): cells sorted
+by length, as many as keep the padded batch's gene vectors, in the dtype computed in, within `CPU_BATCH_BYTES`. Every
+run embeds the same cells end to end (gene matching and normalisation included, as a user's call does), the runs taking turns.
 """
 
 import argparse
@@ -48,15 +48,17 @@ def main(argv=None):
         processor = ScPaLMProcessor.from_anndata(adata)
         model = ScPaLMModel(ScPaLMConfig.from_preset(preset, num_genes=processor.num_genes)).eval()
         lengths = np.diff(processor.transform(adata.X, adata.var_names)[0].indptr)
-        batch_sizes = {f"{size} cells": size for size in FIXED_BATCH_SIZES} | {"default (by gene entries)": None}
-        cells_per_batch = {name: np.mean([len(rows) for rows in inference_batches(lengths, model.config.hidden_size, device, size)])
-                           for name, size in batch_sizes.items()}
+        batch_sizes = {f"{size} cells": size for size in FIXED_BATCH_SIZES} | {"default (by gene vectors' bytes)": None}
+        cells_per_batch = {
+            (name, dtype): np.mean([len(rows) for rows in inference_batches(lengths, model.config.hidden_size, device, size, getattr(torch, dtype))])
+            for dtype in args.dtype for name, size in batch_sizes.items()
+        }
         runs = {(name, dtype): partial(embed_anndata, model, processor, adata, size, progress=False,
                                        autocast_dtype=None if dtype == "float32" else getattr(torch, dtype))
                 for dtype in args.dtype for name, size in batch_sizes.items()}
         elapsed = interleaved_seconds(runs, repeats=args.repeats)
         reference = elapsed[f"{FIXED_BATCH_SIZES[0]} cells", args.dtype[0]]
-        rows = [[name, dtype, cells_per_batch[name], seconds, num_cells / seconds, reference / seconds]
+        rows = [[name, dtype, cells_per_batch[name, dtype], seconds, num_cells / seconds, reference / seconds]
                 for (name, dtype), seconds in elapsed.items()]
         print_table(
             f"embed_anndata on {num_cells:,} pbmc3k cells (mean {lengths.mean():,.0f} non-zero genes), preset {preset} "

@@ -43,8 +43,10 @@ def embed_anndata(model, processor, adata, batch_size: int | None = None, is_nor
         raise ValueError("The AnnData has no cells: nothing to embed.")
     gene_ids = anndata_gene_ids(adata)
     cells, measured = processor.transform(adata.layers[layer] if layer else adata.X, adata.var_names, gene_ids, is_normalized)
-    device = next(model.parameters()).device
-    batches = inference_batches(np.diff(cells.indptr), model.config.hidden_size, device, batch_size)
+    weight = next(model.parameters())
+    device = weight.device
+    batches = inference_batches(np.diff(cells.indptr), model.config.hidden_size, device, batch_size,
+                                autocast_dtype or weight.dtype)
     measured = torch.from_numpy(measured).to(device)
     rows_out = None
     model.eval()

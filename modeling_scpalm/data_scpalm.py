@@ -223,22 +223,24 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
     return panels
 
 
-# On CPU, a batch's gene vectors (padded gene entries x hidden floats) are best kept to 8 MiB in float32: on pbmc3k with
-# 2 cores this gives 37 cells a batch at the tiny preset and 9 at the small one, 2.0-2.6x and 2.0-3.4x the cells/s of
-# 256 cells a batch in three runs on two CPUs (`benchmarks/batching.py`). What large batches paid for on the AMD one is
-# fresh memory: glibc's malloc maps each large tensor anew from the OS, page-faulting it in; with its mmap and trim
-# thresholds raised (environment variables), 256-cell batches ran 1.9x faster and these no faster. GPUs take
-# `ACCELERATOR_BATCH_SIZE` cells.
-CPU_BATCH_FLOATS = 2**21
+# On CPU, a batch's gene vectors (padded gene entries x hidden values) are best kept to 8 MiB: on pbmc3k with 2 cores
+# this gives 37 cells a batch at the tiny preset and 9 at the small one in float32, 2.0-2.6x and 2.0-3.4x the cells/s
+# of 256 cells a batch in three runs on two CPUs (`benchmarks/batching.py`). A budget in bytes, not entries: under
+# bfloat16 autocast the best fixed size doubled at tiny (32 -> 64 cells), and the float32 entry budget ran at 0.73x
+# of it. What large batches paid for on the AMD CPU is fresh memory: glibc's malloc maps each large tensor anew from
+# the OS, page-faulting it in; with its mmap and trim thresholds raised (environment variables), 256-cell batches ran
+# 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
+CPU_BATCH_BYTES = 2**23
 ACCELERATOR_BATCH_SIZE = 256
 
 
-def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.device, batch_size: int | None = None
-                      ) -> list[np.ndarray]:
+def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.device, batch_size: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
     """
     Cells sorted by their number of non-zero genes (`lengths`), so that a batch pads little, cut into batches of row
-    indices: `batch_size` cells each when given; by default on CPU as many as keep the padded batch (cells x its longest
-    cell) within `CPU_BATCH_FLOATS / hidden_size` gene entries (at least one cell), elsewhere `ACCELERATOR_BATCH_SIZE`.
+    indices: `batch_size` cells each when given; by default on CPU as many as keep the padded batch's gene vectors
+    (cells x its longest cell x `hidden_size` values of `dtype`, the dtype the model computes in) within
+    `CPU_BATCH_BYTES` (at least one cell), elsewhere `ACCELERATOR_BATCH_SIZE`.
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive number of cells, got {batch_size}.")
@@ -246,7 +248,7 @@ def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.devic
     if batch_size is not None or device.type != "cpu":
         size = batch_size or ACCELERATOR_BATCH_SIZE
         return [order[start : start + size] for start in range(0, len(order), size)]
-    max_entries = max(CPU_BATCH_FLOATS // hidden_size, 1)
+    max_entries = max(CPU_BATCH_BYTES // (hidden_size * dtype.itemsize), 1)
     sorted_lengths = np.maximum(lengths[order], 1)
     batches, start = [], 0
     while start < len(order):

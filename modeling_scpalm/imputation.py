@@ -61,11 +61,12 @@ def imputation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, flo
 def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask: np.ndarray,
                       batch_size: int | None = None):
     """A stage-1 model's reconstruction (`ScPaLMForPathwayReconstruction`) at the hidden entries, in batches of cells
-    of similar lengths (`inference_batches`: `batch_size` cells each, or sized by gene entries by default)."""
-    device = next(model.parameters()).device
+    of similar lengths (`inference_batches`: `batch_size` cells each, or sized by their gene vectors' bytes by default)."""
+    weight = next(model.parameters())
+    device = weight.device
     model.eval()
     measured = torch.from_numpy(np.asarray(measured_gene_mask)).to(device)
-    batches = inference_batches(np.diff(masked.cells.indptr), model.config.hidden_size, device, batch_size)
+    batches = inference_batches(np.diff(masked.cells.indptr), model.config.hidden_size, device, batch_size, weight.dtype)
     # Each cell's place in the batches' order; the hidden entries sorted by their cell's place make each batch's
     # entries one slice.
     place = np.empty(masked.cells.shape[0], dtype=np.int64)

@@ -1,11 +1,14 @@
 """The `scpalm` command line: `embed` writes obsm['X_scpalm'] and keeps the rest; bad arguments stop early."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
 from modeling_scpalm import ScPaLMConfig, ScPaLMModel
 from modeling_scpalm.cli import main
+from modeling_scpalm.data_scpalm import inference_batches
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,29 @@ def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_
         main(["embed", "--model", str(folder), "--input", str(source), "--output", str(tmp_path / name)])
     first, second = (ad.read_h5ad(tmp_path / name).obsm["X_scpalm"] for name in ("a.h5ad", "b.h5ad"))
     np.testing.assert_allclose(first, second, atol=1e-5, rtol=1e-4)
+
+
+def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(saved_model, cells_file, pbmc3k_processor,
+                                                                           monkeypatch):
+    import modeling_scpalm.cli as cli
+
+    _, model = saved_model
+    _, cells = cells_file
+    batch_dtypes = []
+
+    def recording_batches(*args, **kwargs):
+        arguments = inspect.signature(inference_batches).bind(*args, **kwargs)
+        arguments.apply_defaults()
+        batches = inference_batches(*args, **kwargs)
+        batch_dtypes.append((arguments.arguments["dtype"], len(batches)))
+        return batches
+
+    monkeypatch.setattr(cli, "inference_batches", recording_batches)
+    for autocast_dtype in (None, torch.bfloat16):
+        cli.embed_anndata(model, pbmc3k_processor, cells, progress=False, autocast_dtype=autocast_dtype)
+    (float32, float32_batches), (bfloat16, bfloat16_batches) = batch_dtypes
+    # bfloat16 gene vectors take half the bytes, so about half as many batches.
+    assert (float32, bfloat16) == (torch.float32, torch.bfloat16) and bfloat16_batches < float32_batches
 
 
 def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys):

@@ -10,7 +10,7 @@ from modeling_scpalm import (
     build_pretraining_dataset,
     load_pretraining_dataset,
 )
-from modeling_scpalm.data_scpalm import CPU_BATCH_FLOATS, inference_batches
+from modeling_scpalm.data_scpalm import CPU_BATCH_BYTES, inference_batches
 
 from .conftest import data_file
 
@@ -174,19 +174,20 @@ def test_length_grouped_batches_pad_less_and_repeat_per_epoch():
     assert list(sampler) == order
 
 
-def test_inference_batches_sort_cells_by_length_and_keep_cpu_batches_within_the_entry_budget():
+def test_inference_batches_sort_cells_by_length_and_keep_cpu_batches_within_the_byte_budget():
     lengths = np.random.default_rng(0).integers(0, 3000, 500)
     lengths[7] = 10**6  # a cell longer than the budget gets a batch of its own
     cpu = torch.device("cpu")
-    for hidden in (64, 768):
-        batches = inference_batches(lengths, hidden, cpu)
+    for hidden, dtype in ((64, torch.float32), (768, torch.float32), (64, torch.bfloat16)):
+        batches = inference_batches(lengths, hidden, cpu, dtype=dtype)
+        max_entries = CPU_BATCH_BYTES // (hidden * dtype.itemsize)
         order = np.concatenate(batches)
         assert sorted(order) == list(range(len(lengths))) and (np.diff(lengths[order]) >= 0).all()
         padded = [len(rows) * max(lengths[rows].max(), 1) for rows in batches]
-        assert all(size <= CPU_BATCH_FLOATS // hidden for rows, size in zip(batches, padded) if len(rows) > 1)
+        assert all(size <= max_entries for rows, size in zip(batches, padded) if len(rows) > 1)
         # Greedy: no batch could have taken the next cell.
         for rows, following in zip(batches, batches[1:]):
-            assert (len(rows) + 1) * lengths[following[0]] > CPU_BATCH_FLOATS // hidden
+            assert (len(rows) + 1) * lengths[following[0]] > max_entries
         assert [7] in [list(rows) for rows in batches]
     assert [len(rows) for rows in inference_batches(lengths, 64, cpu, batch_size=200)] == [200, 200, 100]
     assert {len(rows) for rows in inference_batches(lengths, 64, torch.device("cuda"))} == {256, 244}
