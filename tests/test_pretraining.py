@@ -1,6 +1,7 @@
 """training/pretrain.py: both stages end to end, exact resumption, two CPU processes, bad arguments."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -204,6 +205,19 @@ def test_config_overrides_build_the_ablation_models(dataset_dir, tmp_path):
     assert config.num_hidden_layers == 2  # the cell encoder keeps its depth
     assert not any(key.startswith("scpalm.quantizer") for key in weights(output / "stage_2"))
     assert '"contrastive_loss"' not in (output / "stage_2" / "log.jsonl").read_text()
+
+
+def test_bf16_mixed_precision_trains_both_stages_with_float32_weights(dataset_dir, tmp_path):
+    """The GPU setting's precision, run on CPU: autocast in bf16, weights and saved model in float32."""
+    output = tmp_path / "bf16"
+    main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny", "--max_steps", "2",
+          "--per_device_batch_size", "32", "--eval_steps", "2", "--logging_steps", "1", "--mixed_precision", "bf16"])
+    for stage in ("stage_1", "stage_2"):
+        assert {tensor.dtype for tensor in weights(output / stage).values() if tensor.is_floating_point()} == {torch.float32}
+        logged = [json.loads(line) for line in (output / stage / "log.jsonl").read_text().splitlines()]
+        losses = [record[key] for record in logged for key in ("loss", "eval_loss") if key in record]
+        assert losses and all(math.isfinite(loss) for loss in losses)
+        assert json.loads((output / stage / "training_summary.json").read_text())["mixed_precision"] == "bf16"
 
 
 def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch, capsys):
