@@ -224,8 +224,8 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
 
 
 # On CPU, a batch's gene vectors (padded gene entries x hidden values) are best kept to 8 MiB: on pbmc3k with 2 cores
-# this gives 37 cells a batch at the tiny preset and 9 at the small one in float32, 2.0-2.6x and 2.0-3.4x the cells/s
-# of 256 cells a batch in three runs on two CPUs (`benchmarks/batching.py`). A budget in bytes, not entries: under
+# this gives 37 cells a batch at the tiny preset and 9 at the small one in float32, 1.9-3.1x and 2.0-3.4x the cells/s
+# of 256 cells a batch in five runs on two CPUs (`benchmarks/batching.py`). A budget in bytes, not entries: under
 # bfloat16 autocast the best fixed size doubled at tiny (32 -> 64 cells), and the float32 entry budget ran at 0.73x
 # of it. What large batches paid for on the AMD CPU is fresh memory: glibc's malloc maps each large tensor anew from
 # the OS, page-faulting it in; with its mmap and trim thresholds raised (environment variables), 256-cell batches ran
