@@ -76,7 +76,7 @@ def embed(argv=None):
                         help="autocast dtype: bfloat16 is the fast choice on a GPU and, from the small preset up, on a "
                         "CPU with bf16 matrix units (Intel AMX); h_C is within about 1%% of float32 for most cells")
     parser.add_argument("--compile", action="store_true", help="run the model under torch.compile (dynamic shapes; "
-                        "the first batch pays the compilation): about 1.35x the cells/s on CPU, see benchmarks/")
+                        "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/")
     args = parser.parse_args(argv)
     model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
     if not (model_dir / "config.json").is_file() or not (model_dir / "preprocessor_config.json").is_file():

@@ -1,4 +1,4 @@
-"""training/pretrain.py: both stages end to end, exact resumption, two CPU processes, bad arguments."""
+"""training/pretrain.py: both stages end to end, exact resumption, two CPU processes, bf16, bad arguments."""
 
 import json
 import math
