@@ -207,7 +207,18 @@ def test_config_overrides_build_the_ablation_models(dataset_dir, tmp_path):
     assert '"contrastive_loss"' not in (output / "stage_2" / "log.jsonl").read_text()
 
 
-def test_bf16_mixed_precision_trains_both_stages_with_float32_weights(dataset_dir, tmp_path):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state, set by the first run; a run in another precision needs a fresh one
+    (as accelerate's own tests reset it), and the runs after it need theirs back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_mixed_precision_trains_both_stages_with_float32_weights(dataset_dir, tmp_path, fresh_accelerator_state):
     """The GPU setting's precision, run on CPU: autocast in bf16, weights and saved model in float32."""
     output = tmp_path / "bf16"
     main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny", "--max_steps", "2",
