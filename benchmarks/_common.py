@@ -159,7 +159,11 @@ def training_step(model, optimizer, batches, dtype):
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of the tensors created inside the block (those that existed before are not counted)."""
+    """Peak bytes of the tensors created inside the block (those that existed before are not counted).
+
+    An output that shares an input's storage (a view, an in-place result) is not an allocation: without this check
+    a weight's transpose inside `F.linear` counted the weight, and at the paper's size the weights dwarfed the
+    activations (measured: 324 of 411 MiB for embedding 8 cells)."""
 
     def __init__(self):
         super().__init__()
@@ -168,9 +172,11 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(output):
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor.untyped_storage())
+        input_storages = {id(tensor.untyped_storage()) for tensor in _tensors((args, kwargs))}
+        for tensor in _tensors(output):
+            storage = tensor.untyped_storage()
+            if id(storage) not in input_storages:
+                self._track(storage)
         return output
 
     def _track(self, storage):
@@ -184,6 +190,10 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def _release(self, size: int):
         self.current -= size
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 class FalseDataDependentBranches(TorchDispatchMode):

@@ -56,6 +56,20 @@ def test_peak_tensor_memory_counts_live_storage_only():
         del z
 
 
+def test_peak_tensor_memory_leaves_out_views_of_existing_tensors():
+    from _common import PeakTensorMemory
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for mode in (None, FakeTensorMode()):
+        with mode or torch.no_grad():
+            weight, inputs = torch.randn(1000, 1000), torch.randn(10, 1000)
+            with PeakTensorMemory() as tracker:
+                # F.linear transposes the 4 MB weight (a view), and the in-place add writes into an existing tensor.
+                outputs = torch.nn.functional.linear(inputs, weight)
+                weight.add_(1.0)
+        assert tracker.peak == outputs.nbytes == 40_000, mode
+
+
 def test_model_flops_count_matrix_products_and_cpu_attention():
     from _common import model_flops
 
