@@ -127,15 +127,17 @@ class ScPaLMEmbeddings(nn.Module):
         }
 
     def _folded_gene_vectors(self, folded: dict[str, torch.Tensor], gene_ids: torch.Tensor, gene_values: torch.Tensor):
-        """`_expressed_gene_vectors` from the `_folded_value_path` tables, for x > 0."""
+        """`_expressed_gene_vectors` from the `_folded_value_path` tables, for x > 0. Inference alone takes this path
+        (no autograd), so both terms accumulate in place into the gathered offsets: three (cells x genes x hidden)
+        tensors live at once rather than four (measured under FakeTensorMode at the paper's size, 128 pbmc3k cells:
+        the embedding's peak 2.1 GiB rather than 2.8)."""
         first_layer, activation, _ = self.value_mlp
         values = gene_values.unsqueeze(-1).to(folded["offset"].dtype)
+        fused = F.embedding(gene_ids, folded["offset"])
+        fused.addcmul_(values, self._value_rows(folded["value_direction"], gene_ids))
         hidden_states = activation(torch.addcmul(first_layer.bias, values, self._value_rows(folded["first_layer"], gene_ids)))
-        offsets = torch.addcmul(
-            F.embedding(gene_ids, folded["offset"]), values, self._value_rows(folded["value_direction"], gene_ids)
-        )
-        fused = torch.addmm(offsets.flatten(0, -2), hidden_states.flatten(0, -2), folded["second_layer"].T)
-        return self.gene_layernorm(fused.view_as(offsets))
+        fused.flatten(0, -2).addmm_(hidden_states.flatten(0, -2).to(fused.dtype), folded["second_layer"].T)
+        return self.gene_layernorm(fused)
 
     def _value_rows(self, table: torch.Tensor, gene_ids: torch.Tensor) -> torch.Tensor:
         """The genes' rows of a per-gene value table, or its one shared row (broadcast)."""
@@ -276,6 +278,7 @@ class ScPaLMEmbeddings(nn.Module):
         vectors[:, 0] = self.null_gene
         queries = self._queries().to(vectors.dtype)
         expressed_pool = self._attend(queries, self._key_rows(vectors), self.value(vectors), _null_slot_mask(expressed))
+        del vectors  # not needed by the zero pool, whose gathered rows would otherwise add to it at inference's peak
         reference_pool = self._panel_pool(vocabulary, "reference", panels, queries).index_select(0, panel_of_cell)
         zero_deviation = self._zero_deviation(vocabulary, queries, gene_ids, expressed, panels, panel_of_cell)
         return self._tokens(_normalise_heads(expressed_pool - reference_pool), zero_deviation)
@@ -292,11 +295,11 @@ class ScPaLMEmbeddings(nn.Module):
         has_expressed = expressed.any(1)
 
         def normalised_deviation(cells, zero_vocabulary, pool_queries):
-            # rows[1:]: the genes, without the null gene.
-            keys, values = (F.embedding(gene_ids[cells], rows[1:]).to(pool_queries.dtype) for rows in zero_vocabulary["zero"])
             # A cell with no expressed gene keeps its softmax off an empty set; its deviation is zeroed below.
             mask = expressed[cells] | ~has_expressed[cells, None]
-            expressed_as_zero = self._attend(pool_queries, keys, values, mask)
+            # The genes' zero keys and values (rows[1:]: without the null gene), gathered for the call alone.
+            keys_and_values = (F.embedding(gene_ids[cells], rows[1:]).to(pool_queries.dtype) for rows in zero_vocabulary["zero"])
+            expressed_as_zero = self._attend(pool_queries, *keys_and_values, mask)
             panel_zero_pool = self._panel_pool(zero_vocabulary, "zero", panels, pool_queries)
             panel_zero_pool = panel_zero_pool.index_select(0, panel_of_cell[cells])
             deviation = panel_zero_pool - expressed_as_zero
