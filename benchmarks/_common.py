@@ -122,13 +122,18 @@ def model_flops(function) -> int:
     def cpu_attention_backward(grad_out, query, key, value, *args, **kwargs):
         return sdpa_backward_flop_count(grad_out, query, key, value)
 
-    # The counter knows the CUDA attention kernels; the CPU one costs the same (arguments arrive as shapes).
+    def in_place_product(accumulator, first, second, *args, **kwargs):
+        return 2 * first[0] * first[1] * second[1]
+
+    # The counter knows the CUDA attention kernels; the CPU one costs the same (arguments arrive as shapes). It knows
+    # no in-place matrix product, and scPaLM's inference accumulates one into its gene vectors.
     aten = torch.ops.aten
-    cpu_kernels = {
+    uncounted_kernels = {
         aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward,
+        aten.addmm_: in_place_product,
     }
-    with FlopCounterMode(display=False, custom_mapping=cpu_kernels) as counter:
+    with FlopCounterMode(display=False, custom_mapping=uncounted_kernels) as counter:
         function()
     return counter.get_total_flops()
 

@@ -76,6 +76,7 @@ def test_model_flops_count_matrix_products_and_cpu_attention():
     x, y = torch.randn(10, 20), torch.randn(20, 30)
     query, key = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 50, 16)  # (batch, heads, length, head_dim)
     assert model_flops(lambda: x @ y) == 2 * 10 * 20 * 30
+    assert model_flops(lambda: torch.zeros(10, 30).addmm_(x, y)) == 2 * 10 * 20 * 30  # in place, as scPaLM's inference
     # Logits and weighted sum: two products of 8 x 16 by 16 x 50 per batch and head; elementwise work not counted.
     attention = 2 * (2 * 2 * 4 * 8 * 16 * 50)
     assert model_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, key, key).relu()) == attention
