@@ -129,8 +129,7 @@ class ScPaLMEmbeddings(nn.Module):
     def _folded_gene_vectors(self, folded: dict[str, torch.Tensor], gene_ids: torch.Tensor, gene_values: torch.Tensor):
         """`_expressed_gene_vectors` from the `_folded_value_path` tables, for x > 0. Inference alone takes this path
         (no autograd), so both terms accumulate in place into the gathered offsets: three (cells x genes x hidden)
-        tensors live at once rather than four (measured under FakeTensorMode at the paper's size, 128 pbmc3k cells:
-        the embedding's peak 2.1 GiB rather than 2.8)."""
+        tensors live at once rather than four."""
         first_layer, activation, _ = self.value_mlp
         values = gene_values.unsqueeze(-1).to(folded["offset"].dtype)
         fused = F.embedding(gene_ids, folded["offset"])

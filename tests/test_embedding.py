@@ -276,7 +276,7 @@ def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(inf
 def test_inference_keeps_at_most_three_gene_vector_tensors_alive(monkeypatch):
     """Inference's peak is the expressed pool's attention: the cells' gene vectors, their keys and their values. The
     folded value path used to hold a fourth (cells x genes x hidden) tensor, and the zero pool's gathered rows came on
-    top of the gene vectors: 2.8 GiB rather than 2.2 at the paper's size."""
+    top of the gene vectors: 2.7 GiB rather than 2.2 at the paper's size (128 cells)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from _common import PeakTensorMemory
 
