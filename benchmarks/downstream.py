@@ -246,8 +246,8 @@ class Benchmark:
         adata, cells = self.cells["pbmc3k"].copy(), [self.data_file("pbmc3k")]
         full = self.pretrain("ablation_full", cells)
         variants = {
-            "no_contrastive": self.pretrain("ablation_no_contrastive", stage="2", stage_one_model=full / "stage_1",
-                                            dataset_dir=full / "dataset", config_overrides="contrastive_loss_weight=0"),
+            "with_contrastive": self.pretrain("ablation_with_contrastive", stage="2", stage_one_model=full / "stage_1",
+                                              dataset_dir=full / "dataset", config_overrides="contrastive_loss_weight=1"),
             "no_encoder": self.pretrain("ablation_no_encoder", cells, config_overrides="pathway_encoder_num_hidden_layers=0"),
             "no_quantizer": self.pretrain("ablation_no_quantizer", cells, config_overrides="use_quantizer=false"),
             "no_encoder_no_quantizer": self.pretrain(
@@ -259,9 +259,9 @@ class Benchmark:
             "pathway tokens, mean": (full, "pathway_mean"),
             "pathway tokens, concatenated": (full, "pathway_concat"),
             "pathway encoder output, mean (before the quantizer)": (full, "encoder_mean"),
-            "h_C, no contrastive loss": (variants["no_contrastive"], "cell_embedding"),
+            "h_C, with the contrastive loss (weight 1)": (variants["with_contrastive"], "cell_embedding"),
             "h_C": (full, "cell_embedding"),
-            **{f"h_C, {name}": (run_dir, "cell_embedding") for name, run_dir in variants.items() if name != "no_contrastive"},
+            **{f"h_C, {name}": (run_dir, "cell_embedding") for name, run_dir in variants.items() if name != "with_contrastive"},
         }
         scores = self.results["ablations"]
         for name, (run_dir, representation) in representations.items():

@@ -1,10 +1,13 @@
 """The peers of the downstream benchmark, each run as its users run it, on the same cells as scPaLM.
 
 Cell representations: PCA of the log-normalised values (all genes, as the paper: 256 components; also 50) and scVI
-(scvi-tools, on its usual 2,000 highly variable genes of the raw counts). Imputation: MAGIC (magic-impute) and a
+(scvi-tools, on its usual 2,000 highly variable genes of the raw counts), and an MLP autoencoder trained for a given
+time. Imputation: MAGIC (magic-impute) and a
 kNN-smoothing baseline (each hidden value predicted by the mean of the cell's nearest neighbours in PCA space), both
 fitted on the masked cells alone. scVI and MAGIC are the `peers` extra; without it their rows say how to get them.
 """
+
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,6 +59,39 @@ def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int
     model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, logger=False,
                 enable_checkpointing=False)
     return model.get_latent_representation()
+
+
+def mlp_autoencoder(log_normalized, seconds: float, seed: int = 0, num_top_genes: int = 2000, batch_size: int = 64,
+                    max_steps: int | None = None) -> np.ndarray:
+    """The 64-dimensional bottleneck of an MLP autoencoder (genes -> 256 -> 64 -> 256 -> genes, MSE, AdamW at 1e-3)
+    on the log-normalised values of the most variable genes, trained for `seconds` of wall-clock time (at least one
+    step): the simplest learned embedding at a given budget."""
+    import anndata as ad
+    import scanpy as sc
+    import torch
+    from torch import nn
+
+    cells = ad.AnnData(sp.csr_matrix(log_normalized, dtype=np.float32))
+    if cells.n_vars > num_top_genes:
+        sc.pp.highly_variable_genes(cells, n_top_genes=num_top_genes)
+        cells = cells[:, cells.var["highly_variable"].to_numpy()]
+    values = torch.from_numpy(np.asarray(cells.X.todense(), dtype=np.float32))
+    torch.manual_seed(seed)
+    genes = values.shape[1]
+    encoder = nn.Sequential(nn.Linear(genes, 256), nn.ReLU(), nn.Linear(256, 64))
+    decoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, genes))
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    started, step = time.perf_counter(), 0
+    while step == 0 or (time.perf_counter() - started < seconds and (max_steps is None or step < max_steps)):
+        batch = values[torch.randint(values.shape[0], (batch_size,), generator=generator)]
+        loss = nn.functional.mse_loss(decoder(encoder(batch)), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+    with torch.no_grad():
+        return encoder(values).numpy()
 
 
 def magic_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray, seed: int = 0) -> np.ndarray:

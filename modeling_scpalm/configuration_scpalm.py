@@ -65,12 +65,17 @@ class ScPaLMConfig(PreTrainedConfig):
         dead_code_patience (`int`): a code unused for this many training steps is replaced by a recent encoder
             output (0 disables replacement).
         token_keep_ratio (`float`): p, the fraction of pathway tokens the cell encoder sees in stage 2.
-        contrastive_loss_weight (`float`): weight of the eq. 2 loss in stage 2 (0 trains h_C without it).
+        contrastive_loss_weight (`float`): weight of the eq. 2 loss in stage 2; 0 (the default) trains h_C by the
+            reconstruction through it alone, which measured better at the CPU budget (docs/design.md); 1 is the paper's.
         contrastive_temperature (`float`): tau of eq. 2.
         contrastive_queue_size (`int`): length of the queue of recent cell embeddings that k-means is fitted on.
         contrastive_refit_interval (`int`): T_r, training steps between k-means refits.
         contrastive_num_clusters (`int`): number of k-means pseudo-labels.
         contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
+        max_training_genes_per_cell (`int`): in pretraining, a cell with more expressed genes enters the embedding
+            through this many of them, drawn afresh at every step (the reconstruction target stays the whole cell);
+            0 keeps them all. Pools are normalised per cell, so a random share of the genes estimates them, and a
+            deep cell's step costs what a shallow one's does. Inference always reads every gene.
 
     Example:
 
@@ -101,12 +106,13 @@ class ScPaLMConfig(PreTrainedConfig):
     commitment_beta: float = 0.0
     dead_code_patience: int = 20
     token_keep_ratio: float = 0.5
-    contrastive_loss_weight: float | int = 1.0
+    contrastive_loss_weight: float | int = 0.0
     contrastive_temperature: float = 0.2
     contrastive_queue_size: int = 4096
     contrastive_refit_interval: int = 100
     contrastive_num_clusters: int = 16
     contrastive_max_negatives: int = 128
+    max_training_genes_per_cell: int = 1024
 
     def __post_init__(self, **kwargs):
         if self.pathway_encoder_num_hidden_layers is None:
@@ -149,7 +155,8 @@ class ScPaLMConfig(PreTrainedConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience"):
+        for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience",
+                     "max_training_genes_per_cell"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:

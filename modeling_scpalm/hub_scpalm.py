@@ -13,7 +13,7 @@ from .data_scpalm import BUILD_REPORT_FILE
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
 TRAINING_SUMMARY_FILE = "training_summary.json"
-STAGE_OBJECTIVES = {1: "pathway reconstruction", 2: "cell aggregation: masked pathway tokens + pseudo-label contrast"}
+STAGE_OBJECTIVES = {1: "pathway reconstruction", 2: "cell aggregation: the cell reconstructed from h_C of masked views"}
 CARD_TAGS = ["scpalm", "single-cell", "scRNA-seq", "biology", "cell-embedding", "custom_code"]
 
 

@@ -1,12 +1,13 @@
 """scPaLM: single-cell language model through genetic pathway learning (sections 3.1-3.3 of the paper).
 
-Stage 1 (`ScPaLMForPathwayReconstruction`): permutation-invariant embedding -> pathway encoder -> vector quantizer
--> decoder, trained to reconstruct every measured gene (Algorithm 3) plus the commitment loss.
+Stage 1 (`ScPaLMForPathwayReconstruction`): permutation-invariant embedding -> pathway encoder -> decoder, trained to
+reconstruct every measured gene (Algorithm 3); the vector quantizer learns a codebook of the encoder's token states
+beside it (the commitment loss), and each token's code is its discrete pathway identity.
 Stage 2 (`ScPaLMForCellPretraining`): with the stage-1 parts frozen, a cell token e_C and p% of the pathway tokens
-go through the cell encoder; the cell decoder reconstructs the genes of the masked tokens from the kept ones and
-the mask token e_M, and a contrastive loss on the cell token of two views pulls cells together by k-means
-pseudo-labels (eq. 2, Algorithm 2).
+go through the cell encoder, and the cell decoder reconstructs every measured gene from h_C alone: the cell must
+pass through its token. The pseudo-label contrast of two views (eq. 2, Algorithm 2) is there to be weighed in.
 `ScPaLMModel` gives the cell embedding h_C from all N tokens; `ScPaLMForCellClassification` fine-tunes on labels.
+Where this departs from the paper, and the measurements behind each departure: docs/design.md.
 """
 
 import math
@@ -46,9 +47,10 @@ class ScPaLMModelOutput(ModelOutput):
     cell_embedding (`(batch_size, hidden_size)`): h_C, the cell token after the cell encoder.
     last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, h_C first.
     pathway_codes (`(batch_size, num_pathway_tokens)`): each pathway token's codebook index (None without quantizer).
-    pathway_tokens (`(batch_size, num_pathway_tokens, hidden_size)`): the quantized pathway tokens Z.
+    pathway_tokens (`(batch_size, num_pathway_tokens, hidden_size)`): the quantized pathway tokens Z (the codes'
+        vectors; the encoder output without quantizer).
     pathway_hidden_states (`(batch_size, num_pathway_tokens, hidden_size)`): the pathway encoder output before
-        quantization.
+        quantization, which the cell encoder reads.
     hidden_states (`tuple`, when `output_hidden_states`): the embedding output and every pathway encoder layer's
         output, then the cell encoder's input and every one of its layers' outputs.
     """
@@ -86,7 +88,7 @@ class ScPaLMForPathwayReconstructionOutput(ModelOutput):
 class ScPaLMForCellPretrainingOutput(ModelOutput):
     r"""
     loss (scalar): reconstruction_loss + contrastive_loss_weight * contrastive_loss.
-    reconstruction_loss (scalar): MSE over the measured genes of the masked pathway tokens.
+    reconstruction_loss (scalar): MSE over every measured gene, decoded from h_C alone.
     contrastive_loss (scalar): eq. 2 on the cell tokens of the two views (None when its weight is 0).
     reconstruction (`(batch_size, num_genes)`): the cell decoder's output in vocabulary order.
     masked_token_mask (`(batch_size, num_pathway_tokens)`): True for the tokens the cell encoder did not see.
@@ -381,9 +383,6 @@ def _info_nce(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
 # The pretraining heads' weights: a pretrained folder keeps them (as BERT's keep the MLM head); the encoder and the
 # classifier load from it without them, silently.
 PRETRAINING_HEAD_KEYS = [r"^decoder\.", r"cell_decoder\.", r"mask_token", r"contrastive\."]
-# Weights that folders saved by earlier versions hold and the model no longer has: they load without them, silently
-# (every head holds an ScPaLMModel, and transformers gathers its children's patterns).
-RETIRED_KEYS = [r"embeddings\.value\.bias$"]
 
 
 class ScPaLMPreTrainedModel(PreTrainedModel):
@@ -403,12 +402,10 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, ScPaLMEmbeddings):
-            # Value and gene identity enter the gene vector at comparable scales.
+            # Value and gene identity enter the pools at comparable scales.
             init.normal_(module.value_projection, std=1.0)
             init.ones_(module.value_scale)
-            init.normal_(module.zero_value, std=1.0)
             init.normal_(module.gene_embeddings, std=1.0)
-            init.normal_(module.null_gene, std=1.0)
             # Queries are directions for the cosine pooling logits, and each token's own part (LayerNorm(query +
             # pool)), so they start as distinct as the genes; the logits start at 10 x cosine.
             init.normal_(module.token_queries, std=1.0)
@@ -489,6 +486,12 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             )
         return attention_mask.bool(), measured_gene_mask.bool()
 
+    def _training_genes(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
+        """The entries the embedding reads: in training, at most `max_training_genes_per_cell` of each cell's."""
+        if not self.training:
+            return gene_ids, gene_values, attention_mask
+        return subsample_expressed_genes(gene_ids, gene_values, attention_mask, self.config.max_training_genes_per_cell)
+
     def _dense_targets(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
         """(batch, num_genes) expression in vocabulary order from the sparse inputs."""
         values = (gene_values * attention_mask).float()
@@ -501,7 +504,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
     """Embedding, pathway encoder and quantizer (stage 1) and the cell encoder (stage 2); gives h_C."""
 
     _auto_class = "AutoModel"
-    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS + RETIRED_KEYS
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_HEAD_KEYS
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__(config)
@@ -556,7 +559,8 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
         pathway = self.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask, output_hidden_states)
-        hidden, cell_hidden_states = self.cell_encoder(pathway.tokens, kept_token_indices, output_hidden_states)
+        # The cell encoder reads the pathway encoder's output, not its codes (docs/design.md: the codes lose cells).
+        hidden, cell_hidden_states = self.cell_encoder(pathway.encoder_output, kept_token_indices, output_hidden_states)
         output = ScPaLMModelOutput(
             cell_embedding=hidden[:, 0],
             last_hidden_state=hidden,
@@ -569,7 +573,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
 
 
 class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
-    """Stage 1: reconstruct every measured gene from the quantized pathway tokens, plus the commitment loss."""
+    """Stage 1: reconstruct every measured gene from the pathway tokens, plus the quantizer's commitment loss."""
 
     _auto_class = "AutoModelForPreTraining"
     _keys_to_ignore_on_load_unexpected = [r"cell_decoder\.", r"mask_token", r"contrastive\."]
@@ -596,8 +600,10 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         r"""Inputs as [`ScPaLMModel`]; the loss is always computed (the inputs are their own targets)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
-        pathway = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask)
-        reconstruction = self.decoder(pathway.tokens).float()
+        pathway = self.scpalm.encode_pathways(*self._training_genes(gene_ids, gene_values, attention_mask), measured_gene_mask)
+        # The decoder reads the encoder's output; the quantizer learns its codes beside it (commitment loss, codebook
+        # side) and costs the representation nothing. Decoding the codes (the paper) lost cells: docs/design.md.
+        reconstruction = self.decoder(pathway.encoder_output).float()
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
         reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
         quantized = pathway.quantizer
@@ -615,7 +621,8 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
 
 
 class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
-    """Stage 2 (section 3.3, Algorithm 2): cell token, masked reconstruction and pseudo-label contrast."""
+    """Stage 2 (section 3.3, Algorithm 2): cell token over masked views, reconstruction through it, pseudo-label
+    contrast."""
 
     _auto_class = "AutoModelForPreTraining"
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
@@ -661,22 +668,21 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
         batch_size, device = gene_ids.shape[0], gene_ids.device
         with torch.no_grad():
-            tokens = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask).tokens
+            genes = self._training_genes(gene_ids, gene_values, attention_mask)
+            tokens = self.scpalm.encode_pathways(*genes, measured_gene_mask).encoder_output
         if kept_token_indices is None:
             kept_token_indices = self.sample_kept_token_indices(batch_size, device)
         hidden, _ = self.scpalm.cell_encoder(tokens, kept_token_indices)
         cell_embedding = hidden[:, 0]
 
-        # Kept tokens' outputs back in their slots, e_M in the others; h_C is left out (section 3.3).
-        kept = kept_token_indices.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        decoder_input = self.mask_token.to(hidden.dtype).expand(batch_size, self.config.num_pathway_tokens, -1)
-        decoder_input = decoder_input.scatter(1, kept, hidden[:, 1:])
-        reconstruction = self.cell_decoder(decoder_input).float()
+        # The cell decoder reads h_C alone, in every slot beside e_M: the whole cell, seen through p% of its tokens,
+        # must pass through h_C (the paper decodes the kept tokens' outputs and leaves h_C out; docs/design.md).
+        decoder_input = self.mask_token.to(hidden.dtype) + cell_embedding[:, None, :]
+        reconstruction = self.cell_decoder(decoder_input.expand(-1, self.config.num_pathway_tokens, -1)).float()
         masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
         masked_token_mask.scatter_(1, kept_token_indices, False)
-        masked_genes = masked_token_mask.repeat_interleave(self.config.genes_per_token, dim=1)[:, : self.config.num_genes]
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
-        reconstruction_loss = _masked_mse(reconstruction, targets, masked_genes & measured_gene_mask)
+        reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
         loss = reconstruction_loss
 
         contrastive_loss = None
@@ -733,6 +739,17 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
                 loss = F.cross_entropy(logits.float(), labels.long())
         output = ScPaLMForCellClassificationOutput(loss=loss, logits=logits, cell_embedding=cell_embedding)
         return output if return_dict else output.to_tuple()
+
+
+def subsample_expressed_genes(
+    gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor, max_genes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At most `max_genes` of each cell's entries, drawn uniformly from its expressed ones (torch's generator)."""
+    if not max_genes or gene_ids.shape[1] <= max_genes:
+        return gene_ids, gene_values, attention_mask
+    priority = torch.rand(gene_ids.shape, device=gene_ids.device).masked_fill(~(attention_mask & (gene_values != 0)), -1.0)
+    chosen = priority.topk(max_genes, dim=1).indices.sort(dim=1).values
+    return gene_ids.gather(1, chosen), gene_values.gather(1, chosen), attention_mask.gather(1, chosen) & (priority.gather(1, chosen) >= 0)
 
 
 def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

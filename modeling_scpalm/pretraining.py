@@ -27,7 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGE_LEARNING_RATES = {1: 1e-3, 2: 5e-4}  # section 4.1
+STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
+# The default length of each stage follows the data, as scvi-tools' default epochs do: many passes over a small
+# dataset, fewer over a large one, never less than one; and a step's cost grows with the cells' expressed genes, so
+# deep cells get fewer steps (a budget of gene values). docs/design.md gives the measured step times.
+DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS = 20, 200, 600
+DEFAULT_GENE_VALUES = 28_000_000
+
+
+def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size: int, mean_genes_per_cell: float) -> int:
+    """Optimizer steps of a stage: `num_epochs` passes when given; else `DEFAULT_EPOCHS` passes held within
+    [DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS] and within `DEFAULT_GENE_VALUES` expressed genes seen, at least one pass."""
+    if num_epochs is not None:
+        return max(1, math.ceil(num_epochs * steps_per_epoch))
+    affordable = DEFAULT_GENE_VALUES // max(1, round(batch_size * mean_genes_per_cell))
+    steps = min(DEFAULT_MAX_STEPS, affordable, max(DEFAULT_MIN_STEPS, DEFAULT_EPOCHS * steps_per_epoch))
+    return max(steps_per_epoch, steps)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,12 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "(self-supervised adaptation to the new files; --preset is then ignored)")
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
-    training.add_argument("--per_device_batch_size", type=int, default=128)
+    training.add_argument("--per_device_batch_size", type=int, default=64)
     training.add_argument("--learning_rate", type=float, help="default: 1e-3 for stage 1, 5e-4 for stage 2")
     training.add_argument("--weight_decay", type=float, default=0.01)
     training.add_argument("--warmup_ratio", type=float, default=0.05)
     training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
-    training.add_argument("--num_epochs", type=float, default=1.0, help="epochs per stage")
+    training.add_argument("--num_epochs", type=float, help="epochs per stage (default: by data size, "
+                          f"{DEFAULT_EPOCHS:g} epochs within {DEFAULT_MIN_STEPS}-{DEFAULT_MAX_STEPS} steps and "
+                          f"{DEFAULT_GENE_VALUES:,} expressed genes seen, at least one epoch)")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--max_grad_norm", type=float, default=1.0)
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
@@ -75,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.num_epochs is not None and args.num_epochs <= 0:
+        parser.error(f"--num_epochs must be positive, got {args.num_epochs}")
     if args.stage == "2" and not args.stage_one_model:
         parser.error("--stage 2 needs --stage_one_model, the folder stage 1 wrote")
     if args.init_from:
@@ -240,11 +261,13 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     eval_loader = DataLoader(dataset["eval"], **loader_options) if "eval" in dataset else None
 
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or math.ceil(args.num_epochs * steps_per_epoch)
+    total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    max_steps = args.max_steps if args.max_steps is not None else default_max_steps(
+        steps_per_epoch, args.num_epochs, total_batch_size, _genes_read_per_cell(lengths, config.max_training_genes_per_cell))
     decay, no_decay = [], []
     for parameter in (p for p in model.parameters() if p.requires_grad):
         (decay if parameter.dim() > 1 else no_decay).append(parameter)
-    learning_rate = args.learning_rate or STAGE_LEARNING_RATES[stage]
+    learning_rate = args.learning_rate if args.learning_rate is not None else STAGE_LEARNING_RATES[stage]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=learning_rate,
@@ -269,7 +292,6 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     progress = tqdm(total=max_steps, initial=completed_steps, desc=f"stage {stage}", disable=not accelerator.is_local_main_process)
     model.train()
     epoch = completed_steps // steps_per_epoch
-    total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log_clock, steps_since_log = time.perf_counter(), 0
     # Batches of the resumed epoch that the run had already trained on.
     batches_to_skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
@@ -387,6 +409,13 @@ def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | No
         return path if path.parent == checkpoints else None
     saved = sorted(checkpoints.glob("step_*"), key=lambda path: int(path.name.split("_")[1]))
     return saved[-1] if saved else None
+
+
+def _genes_read_per_cell(lengths: np.ndarray, max_genes: int) -> float:
+    """The mean number of genes a training step's embedding reads per cell."""
+    if not len(lengths):
+        return 1.0
+    return float(np.mean(np.minimum(lengths, max_genes) if max_genes else lengths))
 
 
 def _training_statistics(train, num_genes: int) -> tuple[torch.Tensor, np.ndarray]:

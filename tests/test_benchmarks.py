@@ -83,6 +83,21 @@ def test_model_flops_count_matrix_products_and_cpu_attention():
 
 
 @pytest.mark.slow
+def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
+    import json
+
+    from quality import main
+
+    output = tmp_path / "quality"
+    main(["--output_dir", str(output), "--quick"])
+    rows = json.loads((output / "quality.json").read_text())["rows"]
+    methods = {row["method"] for row in rows}
+    assert {"scPaLM h_C", "scPaLM encoder_mean", "PCA (50)", "PCA (256)", "MLP autoencoder (same time)"} <= methods
+    assert all(0 <= row["knn"] <= 1 and -1 <= row["ari"] <= 1 for row in rows)
+    table = (output / "quality.md").read_text()
+    assert "## knn" in table and "h_C >= PCA-50 on" in table
+
+
 def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     import json
 
@@ -94,7 +109,7 @@ def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     results = json.loads((output / "results.json").read_text())
     methods = {row["method"] for row in results["annotation"] if "ari" in row}
     assert {"scPaLM zero-shot", "scPaLM adapted", "scPaLM (trained on it)", "PCA (256)", "PCA (50)"} <= methods
-    assert {"h_C", "h_C, no contrastive loss", "pathway tokens, mean", "h_C, no_encoder_no_quantizer"} <= set(results["ablations"])
+    assert {"h_C", "h_C, with the contrastive loss (weight 1)", "pathway tokens, mean", "h_C, no_encoder_no_quantizer"} <= set(results["ablations"])
     imputation = {row["method"]: row for row in results["imputation"]}
     assert all(0 < imputation[name]["rmse"] < 5 for name in ("scPaLM zero-shot", "kNN smoothing (15 neighbours)", "gene mean"))
     # The per-gene embedding costs more than pooling into N tokens, at the same batch.

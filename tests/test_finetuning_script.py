@@ -32,12 +32,13 @@ def arguments(pretrained, cells, output, tuning, epochs="3"):
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_beats_chance_on_pbmc3k(pretrained, cells, tmp_path):
-    metrics = main(arguments(pretrained, cells, tmp_path / "full", "full", epochs="6"))
-    print(f"pbmc3k fine-tuning (full, from an untrained tiny model): {metrics}")
-    # The largest of the 9 cell types is 26% of the cells (macro-F1 0.05 for always predicting it). Without any
-    # pretraining, seed 0 gives accuracy 0.446 and macro-F1 0.138; the bars sit below those, well above chance.
-    assert metrics["eval_accuracy"] > 0.38 and metrics["eval_macro_f1"] > 0.1
+def test_the_defaults_fine_tune_well_above_the_majority_class_on_pbmc3k(pretrained, cells, tmp_path):
+    """The command with no flag but the required ones. Trainer's own defaults (5e-5, 3 epochs of 8 cells) scored 0.142
+    from a pretrained tiny model, below the majority class."""
+    metrics = main(["--model_name_or_path", str(pretrained), "--train_file", str(cells), "--output_dir", str(tmp_path / "full")])
+    print(f"pbmc3k fine-tuning with the defaults (from an untrained tiny model): {metrics}")
+    # The largest of the 9 cell types is 26% of the cells (macro-F1 0.05 for always predicting it).
+    assert metrics["eval_accuracy"] > 0.6 and metrics["eval_macro_f1"] > 0.3
     assert (tmp_path / "full" / "preprocessor_config.json").exists()
 
 

@@ -69,6 +69,7 @@ def test_stage_one_output(tiny_config, inputs):
 
 
 def test_stage_two_output_and_masks(tiny_config, inputs):
+    tiny_config.contrastive_loss_weight = 1.0  # the paper's weight; the default trains without the contrast
     model = ScPaLMForCellPretraining(tiny_config).train()
     kept = model.sample_kept_token_indices(BATCH)
     assert kept.shape == (BATCH, tiny_config.num_kept_tokens)
@@ -86,17 +87,18 @@ def test_stage_two_output_and_masks(tiny_config, inputs):
     assert no_contrast.contrastive_loss is None
 
 
-def test_stage_two_reconstructs_only_the_masked_tokens_genes(tiny_config, inputs):
+def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
+    """The cell decoder reads h_C (beside e_M) and nothing else: the whole cell must pass through the cell token."""
     model = ScPaLMForCellPretraining(tiny_config).eval()
     kept = model.sample_kept_token_indices(BATCH)
     output = model(**inputs, kept_token_indices=kept)
     targets = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
-    genes_per_token = tiny_config.genes_per_token
-    masked = output.masked_token_mask.repeat_interleave(genes_per_token, 1)[:, : tiny_config.num_genes]
-    expected = ((output.reconstruction - targets) ** 2)[masked].mean()
-    torch.testing.assert_close(output.reconstruction_loss, expected)
+    torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
+    with torch.no_grad():
+        decoder_input = (model.mask_token + output.cell_embedding[:, None]).expand(-1, tiny_config.num_pathway_tokens, -1)
+        torch.testing.assert_close(output.reconstruction, model.cell_decoder(decoder_input))
 
 
 def test_classification_head(tiny_config, inputs):
@@ -146,19 +148,26 @@ def test_save_and_reload_give_identical_outputs(tiny_config, inputs, tmp_path):
     torch.testing.assert_close(_outputs(reloaded, inputs).reconstruction, _outputs(model, inputs).reconstruction)
 
 
-def test_a_folder_with_the_retired_value_bias_loads_silently_to_the_same_function(tiny_config, inputs, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = ScPaLMForPathwayReconstruction(tiny_config)
-    model.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "model.safetensors")
-    # As earlier versions saved it: a value bias, which cancels in the centred pools whatever its value.
-    saved["scpalm.embeddings.value.bias"] = torch.randn(tiny_config.hidden_size)
-    save_file(saved, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    for model_class in (ScPaLMForPathwayReconstruction, ScPaLMModel):
-        reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
-        assert not info["unexpected_keys"] and not info["missing_keys"], model_class
-    torch.testing.assert_close(_outputs(reloaded, inputs).cell_embedding, _outputs(model.scpalm, inputs).cell_embedding)
+def test_pretraining_reads_a_capped_share_of_deep_cells_but_reconstructs_them_whole(tiny_config, inputs):
+    """Training steps read at most `max_training_genes_per_cell` genes of a cell, drawn from its expressed ones;
+    the loss still covers every gene, and inference reads them all."""
+    tiny_config.max_training_genes_per_cell = 3
+    model = ScPaLMForPathwayReconstruction(tiny_config).train()
+    read = []
+    original = model.scpalm.encode_pathways
+    model.scpalm.encode_pathways = lambda *args, **kwargs: read.append(args) or original(*args, **kwargs)
+    output = model(**inputs)
+    gene_ids, gene_values, attention_mask, _ = read[0]
+    assert gene_ids.shape[1] == 3 and attention_mask.all() and (gene_values != 0).all()
+    for cell in range(BATCH):
+        expressed = set(inputs["gene_ids"][cell][inputs["attention_mask"][cell]].tolist())
+        assert set(gene_ids[cell].tolist()) <= expressed
+    targets = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(
+        1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
+    )
+    torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
+    model.eval()(**inputs)
+    assert read[1][0].shape == inputs["gene_ids"].shape
 
 
 def test_auto_classes_load_a_saved_folder(tiny_config, inputs, tmp_path):

@@ -1,0 +1,218 @@
+"""Where the cell embedding stands: scPaLM's h_C beside the representations a user already has, on every dataset.
+
+    python benchmarks/quality.py --output_dir benchmarks/results/quality          # every dataset, two seeds
+    python benchmarks/quality.py --output_dir /tmp/quality --quick                # what CI runs (minutes)
+
+Each dataset's cells are represented by:
+
+- **scPaLM h_C**: `scpalm pretrain --train_file <cells> --output_dir <run> --preset tiny` with no other flag (the
+  package's defaults, training length included), then `scpalm embed`, as a user runs them; and the same model's
+  other readouts (`encoder_mean`: the pathway encoder's output averaged over tokens; `pathway_mean`: the quantized
+  tokens averaged), the ablations of the cell token;
+- **PCA** of the log-normalised values (50 and 256 components; all genes, no scaling);
+- **MLP autoencoder** (genes -> 256 -> 64 -> 256 -> genes, MSE on the log-normalised values of the 2,000 most
+  variable genes), trained for the wall-clock time scPaLM's pretraining took on the same machine;
+- **scVI** (scvi-tools with its defaults, on the 2,000 most variable genes' counts; the `peers` extra).
+
+Every representation is scored the same way: 5-fold 5-nearest-neighbour cell-type accuracy on the representation as
+it is, Leiden at resolution 1.0 on its 15-neighbour graph (ARI and NMI against the labels, averaged over three Leiden
+seeds), and the silhouette of the labels. Each trained method runs with `--seeds` seeds; the table gives the mean and
+the range. Writes `quality.md` and `quality.json` under `--output_dir`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import peers  # noqa: E402
+from _common import DATA_DIR, command_line, environment, markdown_table  # noqa: E402
+from downstream import DATASETS  # noqa: E402
+
+SCPALM_READOUTS = ["cell_embedding", "encoder_mean", "pathway_mean"]
+LEIDEN_SEEDS = 3
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--data_dir", default=str(DATA_DIR), help="default: $SCPALM_DATA_DIR or ../shared/data")
+    parser.add_argument("--datasets", nargs="+", help="a subset of: " + ", ".join(d.name for d in DATASETS))
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds of every trained method")
+    parser.add_argument("--scvi_epochs", type=int, help="default: scvi-tools' own (up to 400, by data size)")
+    parser.add_argument("--quick", action="store_true", help="two small datasets of 200 cells, one seed, short runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.seeds, args.scvi_epochs = ["pbmc3k", "mixology_dropseq"], 1, 2
+    if not (Path(args.data_dir) / "scrna").is_dir():
+        parser.error(f"{args.data_dir} holds no scrna/ folder: pass --data_dir or set SCPALM_DATA_DIR")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_file = output_dir / "quality.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"rows": []}
+    done = {(row["dataset"], row["method"], row["seed"]) for row in results["rows"]}
+    by_name = {d.name: d for d in DATASETS}
+    unknown = sorted(set(args.datasets or []) - set(by_name))
+    if unknown:
+        raise SystemExit(f"Unknown datasets {unknown}: choose from {sorted(by_name)}")
+    datasets = [by_name[name] for name in args.datasets] if args.datasets else DATASETS
+    for dataset in datasets:
+        adata = load_cells(dataset, Path(args.data_dir), output_dir / "data", args.quick)
+        for seed in range(args.seeds):
+            if (dataset.name, "scPaLM h_C", seed) in done:
+                continue
+            rows = score_dataset(dataset.name, adata, output_dir, seed, args)
+            results["rows"] += rows
+            results_file.write_text(json.dumps(results, indent=1) + "\n")  # after every dataset: a rerun resumes
+    results["command"] = command_line("quality.py", argv)
+    results["environment"] = environment()
+    results_file.write_text(json.dumps(results, indent=1) + "\n")
+    (output_dir / "quality.md").write_text(report(results, [d.name for d in datasets]))
+    print(f"Report: {output_dir / 'quality.md'}")
+    return results
+
+
+def load_cells(dataset, data_dir: Path, folder: Path, quick: bool):
+    """The dataset's raw counts as one .h5ad (plates joined on their shared genes), written once under `folder`."""
+    import anndata
+
+    path = folder / f"{dataset.name}.h5ad"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = [anndata.read_h5ad(data_dir / file) for file in dataset.files]
+        adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
+        adata.obs_names_make_unique()
+        if quick:
+            adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, min(200, adata.n_obs), replace=False))].copy()
+        adata.obs = adata.obs[["cell_type"]].astype(str).astype("category")
+        adata.write_h5ad(path)
+    return anndata.read_h5ad(path)
+
+
+def score_dataset(name: str, adata, output_dir: Path, seed: int, args) -> list[dict]:
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    rows = []
+
+    def add(method, representation, **extra):
+        row = {"dataset": name, "method": method, "seed": seed, **score(representation, labels, seed), **extra}
+        rows.append(row)
+        print(row, flush=True)
+
+    run_dir = output_dir / "models" / f"{name}_seed{seed}"
+    seconds = pretrain_and_embed(adata, output_dir / "data" / f"{name}.h5ad", run_dir, seed, args.quick)
+    embedded = read_embeddings(run_dir)
+    for readout in SCPALM_READOUTS:
+        method = "scPaLM h_C" if readout == "cell_embedding" else f"scPaLM {readout}"
+        add(method, embedded[readout], train_seconds=round(seconds, 1))
+    log_normalized = peers.log_normalize(adata.X)
+    if seed == 0:  # deterministic up to the Leiden seeds, which every row averages over
+        add("PCA (50)", peers.pca(log_normalized, 50, seed))
+        add("PCA (256)", peers.pca(log_normalized, 256, seed))
+    add("MLP autoencoder (same time)", peers.mlp_autoencoder(log_normalized, seconds, seed), train_seconds=round(seconds, 1))
+    try:
+        add("scVI", peers.scvi_latent(adata, args.scvi_epochs, seed))
+    except peers.PeerUnavailable as error:
+        print(f"scVI not run: {error}")
+    return rows
+
+
+def pretrain_and_embed(adata, cells_file: Path, run_dir: Path, seed: int, quick: bool) -> float:
+    """The two commands a user runs, with the package's defaults (`--seed` aside); returns pretraining's seconds."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    pretrain = [sys.executable, "-m", "modeling_scpalm.cli", "pretrain", "--train_file", str(cells_file),
+                "--output_dir", str(run_dir), "--preset", "tiny", "--seed", str(seed)]
+    if quick:
+        pretrain += ["--max_steps", "3"]
+    started = time.perf_counter()
+    subprocess.run(pretrain, check=True)
+    seconds = time.perf_counter() - started
+    for readout in SCPALM_READOUTS:
+        output = run_dir / f"embedded_{readout}.npy"
+        np.save(output, embed(run_dir / "model", adata, readout))
+    return seconds
+
+
+def embed(model_dir: Path, adata, readout: str) -> np.ndarray:
+    from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
+
+    model, processor = ScPaLMModel.from_pretrained(model_dir), ScPaLMProcessor.from_pretrained(model_dir)
+    return embed_anndata(model, processor, adata, progress=False, representation=readout)
+
+
+def read_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
+    return {readout: np.load(run_dir / f"embedded_{readout}.npy") for readout in SCPALM_READOUTS}
+
+
+def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    """kNN accuracy, Leiden-1.0 ARI/NMI (mean over `LEIDEN_SEEDS` seeds) and label silhouette of one representation."""
+    import anndata
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from modeling_scpalm.annotation import cluster_and_score
+
+    representation = np.asarray(representation, dtype=np.float32)
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    knn = cross_val_score(KNeighborsClassifier(5), representation, labels, cv=folds).mean()
+    adata = anndata.AnnData(obs={"cell_type": labels}, obsm={"X_rep": representation})
+    leiden = [cluster_and_score(adata, "X_rep", "cell_type", seed=seed * LEIDEN_SEEDS + s) for s in range(LEIDEN_SEEDS)]
+    return {"knn": float(knn), **{key: float(np.mean([run[key] for run in leiden])) for key in ("ari", "nmi", "silhouette")}}
+
+
+def report(results: dict, datasets: list[str]) -> str:
+    rows = results["rows"]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    legend = ("Mean over training seeds (range in brackets where more than one). kNN: 5-fold 5-NN cell-type accuracy; "
+              "ARI, NMI: Leiden at resolution 1.0 (mean of three Leiden seeds); silhouette of the labels (cosine).")
+    lines = ["# Cell-embedding quality", "", f"Command: `{results['command']}`", "", f"Machine: {results['environment']}",
+             "", legend, ""]
+    for metric in ("knn", "ari", "nmi", "silhouette"):
+        table = []
+        for method in methods:
+            cells = [method]
+            for name in datasets:
+                values = [row[metric] for row in rows if row["method"] == method and row["dataset"] == name]
+                cells.append(_summary(values))
+            table.append(cells)
+        lines += [f"## {metric}", "", markdown_table(["method", *datasets], table), ""]
+    wins = _wins(rows, datasets)
+    lines += ["## scPaLM h_C against PCA (50)", "", wins, ""]
+    return "\n".join(lines)
+
+
+def _summary(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def _wins(rows: list[dict], datasets: list[str]) -> str:
+    """On how many datasets h_C's mean is at least PCA-50's, per metric."""
+    def mean(method, name, metric):
+        values = [row[metric] for row in rows if row["method"] == method and row["dataset"] == name]
+        return np.mean(values) if values else np.nan
+
+    table = []
+    for metric in ("knn", "ari", "nmi"):
+        at_least = [name for name in datasets if mean("scPaLM h_C", name, metric) >= mean("PCA (50)", name, metric)]
+        table.append([metric, f"{len(at_least)} of {len(datasets)}", ", ".join(at_least) or "-"])
+    return markdown_table(["metric", "h_C >= PCA-50 on", "datasets"], table)
+
+
+if __name__ == "__main__":
+    main()
