@@ -56,7 +56,7 @@ def test_both_stages_write_a_loadable_model(unbroken_run):
     processor = ScPaLMProcessor.from_pretrained(final)
     assert processor.num_genes == model.config.num_genes
     log = (final / "log.jsonl").read_text().splitlines()
-    assert any('"eval_loss"' in line for line in log) and any('"contrastive_loss"' in line for line in log)
+    assert any('"eval_loss"' in line for line in log) and any('"reconstruction_loss"' in line for line in log)
     # Stage 2 left stage 1's weights as they were.
     stage_one, stage_two = weights(unbroken_run / "stage_1"), weights(final)
     for name in (n for n in stage_one if n.startswith("scpalm.embeddings") or n.startswith("scpalm.quantizer")):
