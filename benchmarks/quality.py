@@ -110,8 +110,7 @@ def score_dataset(name: str, adata, output_dir: Path, seed: int, args) -> list[d
         print(row, flush=True)
 
     run_dir = output_dir / "models" / f"{name}_seed{seed}"
-    seconds = pretrain_and_embed(adata, output_dir / "data" / f"{name}.h5ad", run_dir, seed, args.quick)
-    embedded = read_embeddings(run_dir)
+    seconds, embedded = pretrain_and_embed(adata, output_dir / "data" / f"{name}.h5ad", run_dir, seed, args.quick)
     for readout in SCPALM_READOUTS:
         method = "scPaLM h_C" if readout == "cell_embedding" else f"scPaLM {readout}"
         add(method, embedded[readout], train_seconds=round(seconds, 1))
@@ -127,8 +126,9 @@ def score_dataset(name: str, adata, output_dir: Path, seed: int, args) -> list[d
     return rows
 
 
-def pretrain_and_embed(adata, cells_file: Path, run_dir: Path, seed: int, quick: bool) -> float:
-    """The two commands a user runs, with the package's defaults (`--seed` aside); returns pretraining's seconds."""
+def pretrain_and_embed(adata, cells_file: Path, run_dir: Path, seed: int, quick: bool) -> tuple[float, dict]:
+    """The two commands a user runs, with the package's defaults (`--seed` aside); returns pretraining's seconds and
+    each readout's embedding."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -139,10 +139,7 @@ def pretrain_and_embed(adata, cells_file: Path, run_dir: Path, seed: int, quick:
     started = time.perf_counter()
     subprocess.run(pretrain, check=True)
     seconds = time.perf_counter() - started
-    for readout in SCPALM_READOUTS:
-        output = run_dir / f"embedded_{readout}.npy"
-        np.save(output, embed(run_dir / "model", adata, readout))
-    return seconds
+    return seconds, {readout: embed(run_dir / "model", adata, readout) for readout in SCPALM_READOUTS}
 
 
 def embed(model_dir: Path, adata, readout: str) -> np.ndarray:
@@ -150,10 +147,6 @@ def embed(model_dir: Path, adata, readout: str) -> np.ndarray:
 
     model, processor = ScPaLMModel.from_pretrained(model_dir), ScPaLMProcessor.from_pretrained(model_dir)
     return embed_anndata(model, processor, adata, progress=False, representation=readout)
-
-
-def read_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
-    return {readout: np.load(run_dir / f"embedded_{readout}.npy") for readout in SCPALM_READOUTS}
 
 
 def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
