@@ -6,10 +6,10 @@ Importing the package registers it with the Auto classes: `AutoConfig`, `AutoMod
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification
 
-from .cli import embed_anndata
 from .collator_scpalm import ScPaLMDataCollator
 from .configuration_scpalm import PRESETS, ScPaLMConfig
 from .data_scpalm import BuildReport, build_pretraining_dataset, load_gene_panels, load_pretraining_dataset
+from .inference import embed_anndata
 from .modeling_scpalm import (
     ScPaLMForCellClassification,
     ScPaLMForCellClassificationOutput,

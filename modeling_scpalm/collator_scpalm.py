@@ -3,10 +3,12 @@
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .configuration_scpalm import ScPaLMConfig
 from .modeling_scpalm import kept_token_indices_from_noise, sample_kept_token_indices
+from .processing_scpalm import ScPaLMProcessor
 
 
 @dataclass
@@ -56,24 +58,17 @@ class ScPaLMDataCollator:
                 )
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = np.array([len(feature["gene_ids"]) for feature in features])
-        width = max(int(lengths.max(initial=0)), 1)
-        rows = np.repeat(np.arange(len(features)), lengths)
-        positions = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        gene_ids = np.zeros((len(features), width), dtype=np.int64)
-        gene_values = np.zeros((len(features), width), dtype=np.float32)
-        attention_mask = np.zeros((len(features), width), dtype=bool)
-        if len(rows):
-            gene_ids[rows, positions] = np.concatenate([np.asarray(f["gene_ids"]) for f in features])
-            gene_values[rows, positions] = np.concatenate([np.asarray(f["gene_values"]) for f in features])
-            attention_mask[rows, positions] = True
+        lengths = np.array([len(feature["gene_ids"]) for feature in features], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        gene_ids = np.concatenate([np.asarray(f["gene_ids"], dtype=np.int64) for f in features] or [np.zeros(0, np.int64)])
+        values = np.concatenate([np.asarray(f["gene_values"], dtype=np.float32) for f in features] or [np.zeros(0, np.float32)])
+        cells = sp.csr_matrix((values, gene_ids, indptr), shape=(len(features), self.gene_panels.shape[1]))
+        padded = ScPaLMProcessor.pad(cells)
         panel_ids = torch.tensor([feature["panel"] for feature in features])
         if (panel_ids < 0).any() or (panel_ids >= self.gene_panels.shape[0]).any():
             raise ValueError(f"Panel ids {panel_ids.unique().tolist()} are outside the {self.gene_panels.shape[0]} known panels.")
         batch = {
-            "gene_ids": torch.from_numpy(gene_ids),
-            "gene_values": torch.from_numpy(gene_values),
-            "attention_mask": torch.from_numpy(attention_mask),
+            **padded,
             # One panel in the batch (the usual case) travels as one row, not one per cell.
             "measured_gene_mask": self.gene_panels[panel_ids[0]]
             if (panel_ids == panel_ids[0]).all()

@@ -73,9 +73,10 @@ class ScPaLMConfig(PreTrainedConfig):
         contrastive_num_clusters (`int`): number of k-means pseudo-labels.
         contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
         max_training_genes_per_cell (`int`): in pretraining, a cell with more expressed genes enters the embedding
-            through this many of them, drawn afresh at every step (the reconstruction target stays the whole cell);
-            0 keeps them all. Pools are normalised per cell, so a random share of the genes estimates them, and a
-            deep cell's step costs what a shallow one's does. Inference always reads every gene.
+            through its this many most expressed ones (the reconstruction target stays the whole cell); 0 keeps them
+            all. A deep cell's step then costs what a shallow one's does. Inference always reads every gene.
+        decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
+            mean expressed value), so that the tokens and h_C need not encode it.
 
     Example:
 
@@ -113,6 +114,7 @@ class ScPaLMConfig(PreTrainedConfig):
     contrastive_num_clusters: int = 16
     contrastive_max_negatives: int = 128
     max_training_genes_per_cell: int = 1024
+    decode_with_depth: bool = True
 
     def __post_init__(self, **kwargs):
         if self.pathway_encoder_num_hidden_layers is None:

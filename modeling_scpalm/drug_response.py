@@ -396,7 +396,7 @@ def scpalm_cell_line_embeddings(model, processor, log2_tpm, batch_size: int | No
     import anndata
     import scipy.sparse as sp
 
-    from .cli import embed_anndata
+    from .inference import embed_anndata
 
     values = log2_tpm_to_log_normalized(log2_tpm.to_numpy())
     cells = anndata.AnnData(sp.csr_matrix(values.astype(np.float32)), obs=pd.DataFrame(index=log2_tpm.index.astype(str)),

@@ -4,16 +4,16 @@ Each of the N tokens is a learned gene program: a distribution `a_k` over the ge
 dataset measured), `a_k = softmax_panel(s cos(q_k, key(E_gene)))`, from the token's query `q_k` and the genes'
 identity embeddings alone. The token pools what each expressed gene of the cell contributes:
 
-    pool_k = sum_i a_k[i] [x_i v_i ; E_gene[i]],   v_i = alpha[i] * leaky_relu(P1[i])
+    pool_k = sum_i a_k[i] [u_i(x_i) ; E_gene[i]],   u_i(x) = alpha_i h + MLP(h) - MLP(0),   h = leaky_relu(x P1_i)
 
-the value path of lines 3-5 of Algorithm 1 (for the non-negative values of log-normalised data, leaky_relu(x P1) is
-x leaky_relu(P1)), with the gene identity beside it (line 7). A gene at zero adds nothing: Algorithm 1 fills it with
-e_zero and pools the zero genes separately, and that zero pool, centred on the panel's all-zero pool (a constant of
-the panel), is minus the expressed genes' share of it, which the presence term `E_gene[i]` carries. The weights are
+the value path of lines 3-5 of Algorithm 1 (`gene_values`), with the gene identity beside it (line 7). A gene at zero
+adds nothing: Algorithm 1 fills it with e_zero and pools the zero genes separately, and that zero pool, centred on the
+panel's all-zero pool (a constant of the panel), is minus the expressed genes' share of it, which the presence term
+`E_gene[i]` carries. The weights are
 normalised over the whole panel, never renormalised over a cell's expressed genes, so a token says how much of its
 program the cell expresses as well as how. Each cell's pools are divided by their root mean square over tokens, which
 keeps their ratios and removes the cell's overall depth; then `tokens = LayerNorm(q_k + W [dose ; identity])`
-(line 8, the queries being the basis P'). The MLP of line 5 is left out: docs/design.md has why.
+(line 8, the queries being the basis P').
 
 Sums over a set: permuting the genes with their ids leaves the tokens unchanged. Keys depend on the gene alone, so
 their cost is per vocabulary gene and per step; per expressed gene the embedding costs N weights and two gathered

@@ -248,6 +248,9 @@ class ScPaLMGeneDecoder(nn.Module):
         self.head_weight = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size, config.genes_per_token))
         # Each gene's mean expression is not the tokens' business; a per-gene bias carries it.
         self.gene_bias = nn.Parameter(torch.empty(config.num_genes))
+        # Nor is the cell's sequencing depth: the decoder is told it (as scVI's decoder is told the library size), so
+        # the tokens and h_C need not spend their largest direction on it.
+        self.depth_projection = nn.Linear(CELL_DEPTH_FEATURES, config.hidden_size) if config.decode_with_depth else None
 
     @torch.no_grad()
     def initialize_gene_bias(self, mean_expression: torch.Tensor):
@@ -258,8 +261,11 @@ class ScPaLMGeneDecoder(nn.Module):
             )
         self.gene_bias.copy_(mean_expression.to(self.gene_bias))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden_states, _ = self.transformer(tokens + self.slot_embeddings)
+    def forward(self, tokens: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + self.slot_embeddings
+        if self.depth_projection is not None:
+            tokens = tokens + self.depth_projection(depth.to(tokens.dtype))[:, None, :]
+        hidden_states, _ = self.transformer(tokens)
         genes = torch.einsum("bkd,kds->bks", hidden_states, self.head_weight.to(hidden_states.dtype))
         return genes.flatten(1)[:, : self.num_genes] + self.gene_bias
 
@@ -603,7 +609,8 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         pathway = self.scpalm.encode_pathways(*self._training_genes(gene_ids, gene_values, attention_mask), measured_gene_mask)
         # The decoder reads the encoder's output; the quantizer learns its codes beside it (commitment loss, codebook
         # side) and costs the representation nothing. Decoding the codes (the paper) lost cells: docs/design.md.
-        reconstruction = self.decoder(pathway.encoder_output).float()
+        depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
+        reconstruction = self.decoder(pathway.encoder_output, depth).float()
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
         reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
         quantized = pathway.quantizer
@@ -678,7 +685,8 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         # The cell decoder reads h_C alone, in every slot beside e_M: the whole cell, seen through p% of its tokens,
         # must pass through h_C (the paper decodes the kept tokens' outputs and leaves h_C out; docs/design.md).
         decoder_input = self.mask_token.to(hidden.dtype) + cell_embedding[:, None, :]
-        reconstruction = self.cell_decoder(decoder_input.expand(-1, self.config.num_pathway_tokens, -1)).float()
+        depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
+        reconstruction = self.cell_decoder(decoder_input.expand(-1, self.config.num_pathway_tokens, -1), depth).float()
         masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
         masked_token_mask.scatter_(1, kept_token_indices, False)
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
@@ -741,13 +749,31 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+CELL_DEPTH_FEATURES = 2
+
+
+def cell_depth(gene_values: torch.Tensor, attention_mask: torch.Tensor, measured_gene_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, 2) depth of each cell, from all its genes: the log of the share of its panel it expresses, and the mean
+    of its expressed values."""
+    expressed = (attention_mask & (gene_values != 0)).float()
+    num_expressed = expressed.sum(1)
+    panel_size = measured_gene_mask.float().sum(-1).expand_as(num_expressed)
+    detected = torch.log((num_expressed + 1.0) / (panel_size + 1.0))
+    mean_value = (gene_values.float() * expressed).sum(1) / num_expressed.clamp_min(1.0)
+    return torch.stack([detected, mean_value], dim=-1)
+
+
 def subsample_expressed_genes(
     gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor, max_genes: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """At most `max_genes` of each cell's entries, drawn uniformly from its expressed ones (torch's generator)."""
+    """Each cell's `max_genes` most expressed entries (ties broken at random, with torch's generator), or all of them
+    when it has fewer."""
     if not max_genes or gene_ids.shape[1] <= max_genes:
         return gene_ids, gene_values, attention_mask
-    priority = torch.rand(gene_ids.shape, device=gene_ids.device).masked_fill(~(attention_mask & (gene_values != 0)), -1.0)
+    # The most expressed genes carry most of a cell's pooled signal; a uniform draw of them was too noisy a view of deep
+    # cells (docs/design.md). The tie-break (values come in steps of one count) is below any difference in value.
+    tie_break = torch.rand(gene_ids.shape, device=gene_ids.device) * 1e-3
+    priority = (gene_values.float().abs() + tie_break).masked_fill(~(attention_mask & (gene_values != 0)), -1.0)
     chosen = priority.topk(max_genes, dim=1).indices.sort(dim=1).values
     return gene_ids.gather(1, chosen), gene_values.gather(1, chosen), attention_mask.gather(1, chosen) & (priority.gather(1, chosen) >= 0)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+from modeling_scpalm import ScPaLMConfig, ScPaLMModel, embed_anndata
 from modeling_scpalm.cli import main
 from modeling_scpalm.data_scpalm import inference_batches
 
@@ -61,7 +61,7 @@ def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_
 
 def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(saved_model, cells_file, pbmc3k_processor,
                                                                            monkeypatch):
-    import modeling_scpalm.cli as cli
+    import modeling_scpalm.inference as inference
 
     _, model = saved_model
     _, cells = cells_file
@@ -74,9 +74,9 @@ def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(saved
         batch_dtypes.append((arguments.arguments["dtype"], len(batches)))
         return batches
 
-    monkeypatch.setattr(cli, "inference_batches", recording_batches)
+    monkeypatch.setattr(inference, "inference_batches", recording_batches)
     for autocast_dtype in (None, torch.bfloat16):
-        cli.embed_anndata(model, pbmc3k_processor, cells, progress=False, autocast_dtype=autocast_dtype)
+        embed_anndata(model, pbmc3k_processor, cells, progress=False, autocast_dtype=autocast_dtype)
     (float32, float32_batches), (bfloat16, bfloat16_batches) = batch_dtypes
     # bfloat16 gene vectors take half the bytes, so about half as many batches.
     assert (float32, bfloat16) == (torch.float32, torch.bfloat16) and bfloat16_batches < float32_batches
@@ -110,8 +110,6 @@ def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path):
 
 
 def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cells_file, pbmc3k_processor):
-    from modeling_scpalm import embed_anndata
-
     _, model = saved_model
     _, cells = cells_file
     cells = cells[:40]

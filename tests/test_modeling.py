@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from modeling_scpalm import (
     ScPaLMForPathwayReconstruction,
     ScPaLMModel,
 )
-from modeling_scpalm.modeling_scpalm import ScPaLMLayer
+from modeling_scpalm.modeling_scpalm import ScPaLMLayer, cell_depth
 
 from .conftest import random_cells, sparse_inputs
 
@@ -96,9 +97,28 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
     torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
+    depth = cell_depth(inputs["gene_values"], inputs["attention_mask"], torch.ones(tiny_config.num_genes, dtype=torch.bool))
     with torch.no_grad():
         decoder_input = (model.mask_token + output.cell_embedding[:, None]).expand(-1, tiny_config.num_pathway_tokens, -1)
-        torch.testing.assert_close(output.reconstruction, model.cell_decoder(decoder_input))
+        torch.testing.assert_close(output.reconstruction, model.cell_decoder(decoder_input, depth))
+
+
+def test_decoders_are_told_the_cell_depth(tiny_config, inputs):
+    """The depth features are the log share of the panel a cell expresses and its mean expressed value, and they reach
+    the reconstruction; `decode_with_depth=False` leaves them out."""
+    panel = torch.zeros(tiny_config.num_genes, dtype=torch.bool)
+    panel[:100] = True
+    values = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    expected = torch.tensor([[math.log(3 / 101), 2.0], [math.log(2 / 101), 2.0]])
+    torch.testing.assert_close(cell_depth(values, mask, panel), expected)
+
+    model = ScPaLMForPathwayReconstruction(tiny_config).eval()
+    tokens = torch.randn(2, tiny_config.num_pathway_tokens, tiny_config.hidden_size)
+    with torch.no_grad():
+        assert not torch.allclose(model.decoder(tokens, expected), model.decoder(tokens, expected + 1.0))
+    tiny_config.decode_with_depth = False
+    assert ScPaLMForPathwayReconstruction(tiny_config).decoder.depth_projection is None
 
 
 def test_classification_head(tiny_config, inputs):
@@ -149,8 +169,8 @@ def test_save_and_reload_give_identical_outputs(tiny_config, inputs, tmp_path):
 
 
 def test_pretraining_reads_a_capped_share_of_deep_cells_but_reconstructs_them_whole(tiny_config, inputs):
-    """Training steps read at most `max_training_genes_per_cell` genes of a cell, drawn from its expressed ones;
-    the loss still covers every gene, and inference reads them all."""
+    """Training steps read a cell's `max_training_genes_per_cell` most expressed genes; the loss still covers every
+    gene, and inference reads them all."""
     tiny_config.max_training_genes_per_cell = 3
     model = ScPaLMForPathwayReconstruction(tiny_config).train()
     read = []
@@ -160,8 +180,9 @@ def test_pretraining_reads_a_capped_share_of_deep_cells_but_reconstructs_them_wh
     gene_ids, gene_values, attention_mask, _ = read[0]
     assert gene_ids.shape[1] == 3 and attention_mask.all() and (gene_values != 0).all()
     for cell in range(BATCH):
-        expressed = set(inputs["gene_ids"][cell][inputs["attention_mask"][cell]].tolist())
-        assert set(gene_ids[cell].tolist()) <= expressed
+        real = inputs["attention_mask"][cell]
+        values, ids = inputs["gene_values"][cell][real], inputs["gene_ids"][cell][real]
+        assert set(gene_ids[cell].tolist()) == set(ids[values.topk(3).indices].tolist())
     targets = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
