@@ -771,7 +771,7 @@ def subsample_expressed_genes(
     if not max_genes or gene_ids.shape[1] <= max_genes:
         return gene_ids, gene_values, attention_mask
     # The most expressed genes carry most of a cell's pooled signal; a uniform draw of them was too noisy a view of deep
-    # cells (docs/design.md). The tie-break (values come in steps of one count) is below any difference in value.
+    # cells (docs/design.md). Near the cut, values are a few counts apart, steps far larger than the tie-break.
     tie_break = torch.rand(gene_ids.shape, device=gene_ids.device) * 1e-3
     priority = (gene_values.float().abs() + tie_break).masked_fill(~(attention_mask & (gene_values != 0)), -1.0)
     chosen = priority.topk(max_genes, dim=1).indices.sort(dim=1).values
