@@ -77,6 +77,8 @@ class ScPaLMConfig(PreTrainedConfig):
             all. A deep cell's step then costs what a shallow one's does. Inference always reads every gene.
         decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
             mean expressed value), so that the tokens and h_C need not encode it.
+        cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token
+            and the pathway tokens it saw (the default), or `"cell_token"`, the cell token's own output (the paper's).
 
     Example:
 
@@ -115,6 +117,7 @@ class ScPaLMConfig(PreTrainedConfig):
     contrastive_max_negatives: int = 128
     max_training_genes_per_cell: int = 1024
     decode_with_depth: bool = True
+    cell_embedding_pooling: str = "mean"
 
     def __post_init__(self, **kwargs):
         if self.pathway_encoder_num_hidden_layers is None:
@@ -177,6 +180,10 @@ class ScPaLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"`token_keep_ratio` ({self.token_keep_ratio}) must keep at least one and mask at least one of the "
                 f"{self.num_pathway_tokens} pathway tokens: use a value in (0, 1), e.g. 0.5."
+            )
+        if self.cell_embedding_pooling not in ("mean", "cell_token"):
+            raise ValueError(
+                f"`cell_embedding_pooling` must be 'mean' or 'cell_token' (the paper's), got {self.cell_embedding_pooling!r}."
             )
         if self.contrastive_loss_weight < 0:
             raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")

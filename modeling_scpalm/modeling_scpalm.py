@@ -44,8 +44,9 @@ KMEANS_ITERATIONS = 20
 @dataclass
 class ScPaLMModelOutput(ModelOutput):
     r"""
-    cell_embedding (`(batch_size, hidden_size)`): h_C, the cell token after the cell encoder.
-    last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, h_C first.
+    cell_embedding (`(batch_size, hidden_size)`): h_C, read from the cell encoder's output
+        (`config.cell_embedding_pooling`).
+    last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, the cell token's first.
     pathway_codes (`(batch_size, num_pathway_tokens)`): each pathway token's codebook index (None without quantizer).
     pathway_tokens (`(batch_size, num_pathway_tokens, hidden_size)`): the quantized pathway tokens Z (the codes'
         vectors; the encoder output without quantizer).
@@ -218,10 +219,12 @@ class ScPaLMTransformer(nn.Module):
 
 
 class ScPaLMCellEncoder(nn.Module):
-    """Stage 2's encoder: the cell token e_C, then the kept pathway tokens with their slot embeddings."""
+    """Stage 2's encoder: the cell token e_C, then the kept pathway tokens with their slot embeddings. h_C is read from
+    its output by `config.cell_embedding_pooling`."""
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__()
+        self.pooling = config.cell_embedding_pooling
         self.cell_token = nn.Parameter(torch.empty(config.hidden_size))
         self.slot_embeddings = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size))
         self.transformer = ScPaLMTransformer(config, config.num_hidden_layers)
@@ -234,6 +237,12 @@ class ScPaLMCellEncoder(nn.Module):
             tokens = tokens.gather(1, kept_token_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         cell_token = self.cell_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
         return self.transformer(torch.cat([cell_token, tokens], dim=1), output_hidden_states)
+
+    def cell_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h_C from the encoder's output `(batch, 1 + tokens, hidden)`: the mean over the cell token and the pathway
+        tokens, or the cell token's own output (the paper's). The mean keeps more directions of the cell apart
+        (docs/design.md)."""
+        return hidden.mean(1) if self.pooling == "mean" else hidden[:, 0]
 
 
 class ScPaLMGeneDecoder(nn.Module):
@@ -568,7 +577,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         # The cell encoder reads the pathway encoder's output, not its codes (docs/design.md: the codes lose cells).
         hidden, cell_hidden_states = self.cell_encoder(pathway.encoder_output, kept_token_indices, output_hidden_states)
         output = ScPaLMModelOutput(
-            cell_embedding=hidden[:, 0],
+            cell_embedding=self.cell_encoder.cell_embedding(hidden),
             last_hidden_state=hidden,
             pathway_codes=pathway.quantizer.codes if pathway.quantizer is not None else None,
             pathway_tokens=pathway.tokens,
@@ -680,7 +689,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         if kept_token_indices is None:
             kept_token_indices = self.sample_kept_token_indices(batch_size, device)
         hidden, _ = self.scpalm.cell_encoder(tokens, kept_token_indices)
-        cell_embedding = hidden[:, 0]
+        cell_embedding = self.scpalm.cell_encoder.cell_embedding(hidden)
 
         # The cell decoder reads h_C alone, in every slot beside e_M: the whole cell, seen through p% of its tokens,
         # must pass through h_C (the paper decodes the kept tokens' outputs and leaves h_C out; docs/design.md).
@@ -698,7 +707,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
             if contrastive_kept_token_indices is None:
                 contrastive_kept_token_indices = self.sample_kept_token_indices(batch_size, device)
             second_view, _ = self.scpalm.cell_encoder(tokens, contrastive_kept_token_indices)
-            contrastive_loss = self.contrastive(cell_embedding, second_view[:, 0])
+            contrastive_loss = self.contrastive(cell_embedding, self.scpalm.cell_encoder.cell_embedding(second_view))
             loss = loss + self.config.contrastive_loss_weight * contrastive_loss
 
         output = ScPaLMForCellPretrainingOutput(

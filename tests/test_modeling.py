@@ -103,6 +103,18 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
         torch.testing.assert_close(output.reconstruction, model.cell_decoder(decoder_input, depth))
 
 
+def test_cell_embedding_pooling(tiny_config, inputs):
+    """h_C is the mean of the cell encoder's outputs by default, the cell token's own output with "cell_token"."""
+    model = ScPaLMModel(tiny_config).eval()
+    output = _outputs(model, inputs)
+    torch.testing.assert_close(output.cell_embedding, output.last_hidden_state.mean(1))
+    model.cell_encoder.pooling = "cell_token"
+    output = _outputs(model, inputs)
+    torch.testing.assert_close(output.cell_embedding, output.last_hidden_state[:, 0])
+    with pytest.raises(ValueError, match="cell_embedding_pooling"):
+        ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_pooling="max")
+
+
 def test_decoders_are_told_the_cell_depth(tiny_config, inputs):
     """The depth features are the log share of the panel a cell expresses and its mean expressed value, and they reach
     the reconstruction; `decode_with_depth=False` leaves them out."""
