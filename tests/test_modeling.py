@@ -111,7 +111,9 @@ def test_cell_embedding_pooling(tiny_config, inputs):
     model.cell_encoder.pooling = "cell_token"
     output = _outputs(model, inputs)
     torch.testing.assert_close(output.cell_embedding, output.last_hidden_state[:, 0])
-    with pytest.raises(ValueError, match="cell_embedding_pooling"):
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="cell_embedding_pooling"):
         ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_pooling="max")
 
 
