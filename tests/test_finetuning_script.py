@@ -38,8 +38,9 @@ def test_the_defaults_fine_tune_well_above_the_majority_class_on_pbmc3k(pretrain
     metrics = main(["--model_name_or_path", str(pretrained), "--train_file", str(cells), "--output_dir", str(tmp_path / "full")])
     print(f"pbmc3k fine-tuning with the defaults (from an untrained tiny model): {metrics}")
     # The largest of the 9 cell types is 26% of the cells (macro-F1 0.05 for always predicting it). From this
-    # untrained model the defaults measured accuracy 0.571 and macro-F1 0.251 (seed 42, Trainer's default).
-    assert metrics["eval_accuracy"] > 0.45 and metrics["eval_macro_f1"] > 0.15
+    # untrained model the defaults measured accuracy 0.404 and macro-F1 0.132 with h_C the mean of the cell encoder's
+    # outputs (0.571 and 0.251 with the cell token's output; seed 42, Trainer's default).
+    assert metrics["eval_accuracy"] > 0.35 and metrics["eval_macro_f1"] > 0.1
     assert (tmp_path / "full" / "preprocessor_config.json").exists()
 
 
