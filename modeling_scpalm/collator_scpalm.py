@@ -60,8 +60,8 @@ class ScPaLMDataCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = np.array([len(feature["gene_ids"]) for feature in features], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
-        gene_ids = np.concatenate([np.asarray(f["gene_ids"], dtype=np.int64) for f in features] or [np.zeros(0, np.int64)])
-        values = np.concatenate([np.asarray(f["gene_values"], dtype=np.float32) for f in features] or [np.zeros(0, np.float32)])
+        gene_ids = np.concatenate([np.asarray(f["gene_ids"], dtype=np.int64) for f in features])
+        values = np.concatenate([np.asarray(f["gene_values"], dtype=np.float32) for f in features])
         cells = sp.csr_matrix((values, gene_ids, indptr), shape=(len(features), self.gene_panels.shape[1]))
         padded = ScPaLMProcessor.pad(cells)
         panel_ids = torch.tensor([feature["panel"] for feature in features])

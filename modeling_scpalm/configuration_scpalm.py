@@ -73,8 +73,8 @@ class ScPaLMConfig(PreTrainedConfig):
         contrastive_num_clusters (`int`): number of k-means pseudo-labels.
         contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
         max_training_genes_per_cell (`int`): in pretraining, a cell with more expressed genes enters the embedding
-            through its this many most expressed ones (the reconstruction target stays the whole cell); 0 keeps them
-            all. A deep cell's step then costs what a shallow one's does. Inference always reads every gene.
+            through its `max_training_genes_per_cell` most expressed genes (the reconstruction target stays the whole
+            cell); 0 keeps them all. A deep cell's step then costs what a shallow one's does. Inference always reads every gene.
         decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
             mean expressed value), so that the tokens and h_C need not encode it.
         cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token

@@ -9,11 +9,10 @@ identity embeddings alone. The token pools what each expressed gene of the cell 
 the value path of lines 3-5 of Algorithm 1 (`gene_values`), with the gene identity beside it (line 7). A gene at zero
 adds nothing: Algorithm 1 fills it with e_zero and pools the zero genes separately, and that zero pool, centred on the
 panel's all-zero pool (a constant of the panel), is minus the expressed genes' share of it, which the presence term
-`E_gene[i]` carries. The weights are
-normalised over the whole panel, never renormalised over a cell's expressed genes, so a token says how much of its
-program the cell expresses as well as how. Each cell's pools are divided by their root mean square over tokens, which
-keeps their ratios and removes the cell's overall depth; then `tokens = LayerNorm(q_k + W [dose ; identity])`
-(line 8, the queries being the basis P').
+`E_gene[i]` carries. The weights are normalised over the whole panel, never renormalised over a cell's expressed genes,
+so a token says how much of its program the cell expresses as well as how. Each cell's pools are divided by their root
+mean square over tokens, which keeps their ratios and removes the cell's overall depth; then
+`tokens = LayerNorm(q_k + W [dose ; identity])` (line 8, the queries being the basis P').
 
 Sums over a set: permuting the genes with their ids leaves the tokens unchanged. Keys depend on the gene alone, so
 their cost is per vocabulary gene and per step; per expressed gene the embedding costs N weights and two gathered

@@ -4,8 +4,8 @@ Stage 1 (`ScPaLMForPathwayReconstruction`): permutation-invariant embedding -> p
 reconstruct every measured gene (Algorithm 3); the vector quantizer learns a codebook of the encoder's token states
 beside it (the commitment loss), and each token's code is its discrete pathway identity.
 Stage 2 (`ScPaLMForCellPretraining`): with the stage-1 parts frozen, a cell token e_C and p% of the pathway tokens
-go through the cell encoder, and the cell decoder reconstructs every measured gene from h_C alone: the cell must
-pass through its token. The pseudo-label contrast of two views (eq. 2, Algorithm 2) is there to be weighed in.
+go through the cell encoder; h_C is the mean of its outputs (or the cell token's own, the paper's), and the cell
+decoder reconstructs every measured gene from h_C alone: the cell must pass through it. The pseudo-label contrast of two views (eq. 2, Algorithm 2) is there to be weighed in.
 `ScPaLMModel` gives the cell embedding h_C from all N tokens; `ScPaLMForCellClassification` fine-tunes on labels.
 Where this departs from the paper, and the measurements behind each departure: docs/design.md.
 """
@@ -90,7 +90,7 @@ class ScPaLMForCellPretrainingOutput(ModelOutput):
     r"""
     loss (scalar): reconstruction_loss + contrastive_loss_weight * contrastive_loss.
     reconstruction_loss (scalar): MSE over every measured gene, decoded from h_C alone.
-    contrastive_loss (scalar): eq. 2 on the cell tokens of the two views (None when its weight is 0).
+    contrastive_loss (scalar): eq. 2 on h_C of the two views (None when its weight is 0).
     reconstruction (`(batch_size, num_genes)`): the cell decoder's output in vocabulary order.
     masked_token_mask (`(batch_size, num_pathway_tokens)`): True for the tokens the cell encoder did not see.
     cell_embedding (`(batch_size, hidden_size)`): h_C of the first view.
@@ -637,7 +637,7 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
 
 
 class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
-    """Stage 2 (section 3.3, Algorithm 2): cell token over masked views, reconstruction through it, pseudo-label
+    """Stage 2 (section 3.3, Algorithm 2): h_C over masked views, reconstruction through it, pseudo-label
     contrast."""
 
     _auto_class = "AutoModelForPreTraining"
