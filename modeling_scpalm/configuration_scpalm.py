@@ -74,7 +74,8 @@ class ScPaLMConfig(PreTrainedConfig):
         contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
         max_training_genes_per_cell (`int`): in pretraining, a cell with more expressed genes enters the embedding
             through its `max_training_genes_per_cell` most expressed genes (the reconstruction target stays the whole
-            cell); 0 keeps them all. A deep cell's step then costs what a shallow one's does. Inference always reads every gene.
+            cell); 0 keeps them all. A deep cell's step then costs what a shallow one's does. Inference always reads
+            every gene.
         decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
             mean expressed value), so that the tokens and h_C need not encode it.
         cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token
@@ -183,7 +184,8 @@ class ScPaLMConfig(PreTrainedConfig):
             )
         if self.cell_embedding_pooling not in ("mean", "cell_token"):
             raise ValueError(
-                f"`cell_embedding_pooling` must be 'mean' or 'cell_token' (the paper's), got {self.cell_embedding_pooling!r}."
+                "`cell_embedding_pooling` must be 'mean' or 'cell_token' (the paper's), "
+                f"got {self.cell_embedding_pooling!r}."
             )
         if self.contrastive_loss_weight < 0:
             raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")
