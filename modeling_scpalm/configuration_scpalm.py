@@ -65,6 +65,9 @@ class ScPaLMConfig(PreTrainedConfig):
         dead_code_patience (`int`): a code unused for this many training steps is replaced by a recent encoder
             output (0 disables replacement).
         token_keep_ratio (`float`): p, the fraction of pathway tokens the cell encoder sees in stage 2.
+        token_reconstruction_weight (`float`): weight of stage 2's second reconstruction target, the stage-1 pathway
+            tokens (all N, the masked ones too), which the cell decoder's states predict from h_C beside the genes;
+            0 decodes genes alone.
         contrastive_loss_weight (`float`): weight of the eq. 2 loss in stage 2; 0 (the default) trains h_C by the
             reconstruction through it alone, which measured better at the CPU budget (docs/design.md); 1 is the paper's.
         contrastive_temperature (`float`): tau of eq. 2.
@@ -110,6 +113,7 @@ class ScPaLMConfig(PreTrainedConfig):
     commitment_beta: float = 0.0
     dead_code_patience: int = 20
     token_keep_ratio: float = 0.5
+    token_reconstruction_weight: float | int = 1.0
     contrastive_loss_weight: float | int = 0.0
     contrastive_temperature: float = 0.2
     contrastive_queue_size: int = 4096
@@ -186,6 +190,10 @@ class ScPaLMConfig(PreTrainedConfig):
             raise ValueError(
                 "`cell_embedding_pooling` must be 'mean' or 'cell_token' (the paper's), "
                 f"got {self.cell_embedding_pooling!r}."
+            )
+        if self.token_reconstruction_weight < 0:
+            raise ValueError(
+                f"`token_reconstruction_weight` must be >= 0 (0 decodes genes alone), got {self.token_reconstruction_weight}."
             )
         if self.contrastive_loss_weight < 0:
             raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")

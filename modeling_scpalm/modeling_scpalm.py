@@ -5,7 +5,8 @@ reconstruct every measured gene (Algorithm 3); the vector quantizer learns a cod
 beside it (the commitment loss), and each token's code is its discrete pathway identity.
 Stage 2 (`ScPaLMForCellPretraining`): with the stage-1 parts frozen, a cell token e_C and p% of the pathway tokens
 go through the cell encoder; h_C is the mean of its outputs (or the cell token's own, the paper's), and the cell
-decoder reconstructs every measured gene from h_C alone: the cell must pass through it. The pseudo-label contrast of two views (eq. 2, Algorithm 2) is there to be weighed in.
+decoder reconstructs every measured gene and every stage-1 token from h_C alone: the cell must pass through it.
+The pseudo-label contrast of two views (eq. 2, Algorithm 2) is there to be weighed in.
 `ScPaLMModel` gives the cell embedding h_C from all N tokens; `ScPaLMForCellClassification` fine-tunes on labels.
 Where this departs from the paper, and the measurements behind each departure: docs/design.md.
 """
@@ -88,8 +89,11 @@ class ScPaLMForPathwayReconstructionOutput(ModelOutput):
 @dataclass
 class ScPaLMForCellPretrainingOutput(ModelOutput):
     r"""
-    loss (scalar): reconstruction_loss + contrastive_loss_weight * contrastive_loss.
+    loss (scalar): reconstruction_loss + token_reconstruction_weight * token_reconstruction_loss +
+        contrastive_loss_weight * contrastive_loss.
     reconstruction_loss (scalar): MSE over every measured gene, decoded from h_C alone.
+    token_reconstruction_loss (scalar): MSE of the cell decoder's states against the frozen stage-1 pathway tokens
+        (None when its weight is 0).
     contrastive_loss (scalar): eq. 2 on h_C of the two views (None when its weight is 0).
     reconstruction (`(batch_size, num_genes)`): the cell decoder's output in vocabulary order.
     masked_token_mask (`(batch_size, num_pathway_tokens)`): True for the tokens the cell encoder did not see.
@@ -98,6 +102,7 @@ class ScPaLMForCellPretrainingOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
+    token_reconstruction_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     masked_token_mask: torch.BoolTensor | None = None
@@ -270,13 +275,18 @@ class ScPaLMGeneDecoder(nn.Module):
             )
         self.gene_bias.copy_(mean_expression.to(self.gene_bias))
 
-    def forward(self, tokens: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, depth: torch.Tensor, output_hidden_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(batch, N, hidden) tokens and (batch, 2) depth -> (batch, num_genes) expression, and with
+        `output_hidden_states` also the slots' final states (batch, N, hidden) that the genes are read from."""
         tokens = tokens + self.slot_embeddings
         if self.depth_projection is not None:
             tokens = tokens + self.depth_projection(depth.to(tokens.dtype))[:, None, :]
         hidden_states, _ = self.transformer(tokens)
         genes = torch.einsum("bkd,kds->bks", hidden_states, self.head_weight.to(hidden_states.dtype))
-        return genes.flatten(1)[:, : self.num_genes] + self.gene_bias
+        genes = genes.flatten(1)[:, : self.num_genes] + self.gene_bias
+        return (genes, hidden_states) if output_hidden_states else genes
 
 
 def sample_kept_token_indices(
@@ -695,12 +705,23 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         # must pass through h_C (the paper decodes the kept tokens' outputs and leaves h_C out; docs/design.md).
         decoder_input = self.mask_token.to(hidden.dtype) + cell_embedding[:, None, :]
         depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
-        reconstruction = self.cell_decoder(decoder_input.expand(-1, self.config.num_pathway_tokens, -1), depth).float()
+        reconstruction, decoded_tokens = self.cell_decoder(
+            decoder_input.expand(-1, self.config.num_pathway_tokens, -1), depth, output_hidden_states=True
+        )
+        reconstruction = reconstruction.float()
         masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
         masked_token_mask.scatter_(1, kept_token_indices, False)
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
         reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
         loss = reconstruction_loss
+
+        token_reconstruction_loss = None
+        if self.config.token_reconstruction_weight > 0:
+            # Algorithm 2 reconstructs the excluded tokens: h_C also predicts every stage-1 token. The genes' MSE is
+            # led by a few high-variance directions; the tokens, on one scale per dimension, spread h_C over more of
+            # the cell's directions (docs/design.md).
+            token_reconstruction_loss = F.mse_loss(decoded_tokens.float(), tokens.float())
+            loss = loss + self.config.token_reconstruction_weight * token_reconstruction_loss
 
         contrastive_loss = None
         if self.config.contrastive_loss_weight > 0:
@@ -713,6 +734,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         output = ScPaLMForCellPretrainingOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss,
+            token_reconstruction_loss=token_reconstruction_loss,
             contrastive_loss=contrastive_loss,
             reconstruction=reconstruction,
             masked_token_mask=masked_token_mask,

@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
     training.add_argument("--per_device_batch_size", type=int, default=64)
-    training.add_argument("--learning_rate", type=float, help="default: 1e-3 for stage 1, 5e-4 for stage 2")
+    training.add_argument("--learning_rate", type=float, help="default: 2e-3 in both stages (docs/design.md)")
     training.add_argument("--weight_decay", type=float, default=0.01)
     training.add_argument("--warmup_ratio", type=float, default=0.05)
     training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.num_epochs is not None and args.num_epochs <= 0:
         parser.error(f"--num_epochs must be positive, got {args.num_epochs}")
     if args.stage == "2" and not args.stage_one_model:
@@ -389,7 +391,8 @@ def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
 
 
 def _loss_parts(output) -> dict[str, float]:
-    names = ("loss", "reconstruction_loss", "commitment_loss", "contrastive_loss", "codebook_perplexity", "num_dead_codes")
+    names = ("loss", "reconstruction_loss", "token_reconstruction_loss", "commitment_loss", "contrastive_loss",
+             "codebook_perplexity", "num_dead_codes")
     return {name: float(getattr(output, name).detach()) for name in names if getattr(output, name, None) is not None}
 
 

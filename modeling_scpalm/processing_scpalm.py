@@ -178,7 +178,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
                 f"The matrix has {matrix.shape[1]:,} genes (columns) but {'no' if gene_names is None else len(gene_names)} "
                 "gene names were given: pass one name per column (cells are rows)."
             )
-        _check_values(matrix, is_normalized)
+        _check_values(matrix, is_normalized, self.target_sum)
         match = self._cached_match(gene_names, gene_ids)
 
         matrix = matrix.astype(np.float64)
@@ -260,7 +260,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
         }
 
 
-def _check_values(matrix: sp.csr_matrix, is_normalized: bool):
+def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float):
     values = matrix.data
     if not np.isfinite(values).all():
         raise ValueError(
@@ -278,6 +278,22 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool):
             "counts (e.g. `layer='counts'` or `adata.raw`), or `is_normalized=True` if the values are already "
             "library-size normalised and log1p-transformed."
         )
+    if is_normalized and values.size:
+        # Counts read as log values overflow in expm1 and give NaN embeddings: refuse what log1p(counts per
+        # target_sum) cannot be. A gene reaches at most log1p(target_sum), when it holds all of its cell's counts.
+        ceiling = float(np.log1p(target_sum))
+        largest = float(values.max())
+        if np.array_equal(values, np.round(values)):
+            raise ValueError(
+                "`is_normalized=True` (the CLI's --is_normalized), but every value is a whole number: these look like "
+                "raw counts. Leave `is_normalized` off for raw counts; the processor normalises them itself."
+            )
+        if largest > ceiling * (1 + 1e-3):
+            raise ValueError(
+                f"`is_normalized=True` (the CLI's --is_normalized), but the largest value is {largest:.4g}, above "
+                f"log1p({target_sum:g}) = {ceiling:.2f}, the most a gene can reach in a cell normalised to {target_sum:g} "
+                "counts. Pass raw counts without `is_normalized`, or values normalised to that total and log1p-transformed."
+            )
 
 
 def _check_nonempty(empty: np.ndarray, what: str):

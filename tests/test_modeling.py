@@ -81,11 +81,16 @@ def test_stage_two_output_and_masks(tiny_config, inputs):
     assert (output.masked_token_mask.sum(1) == tiny_config.num_pathway_tokens - tiny_config.num_kept_tokens).all()
     assert not output.masked_token_mask.gather(1, kept).any()
     torch.testing.assert_close(
-        output.loss, output.reconstruction_loss + tiny_config.contrastive_loss_weight * output.contrastive_loss
+        output.loss,
+        output.reconstruction_loss
+        + tiny_config.token_reconstruction_weight * output.token_reconstruction_loss
+        + tiny_config.contrastive_loss_weight * output.contrastive_loss,
     )
     tiny_config.contrastive_loss_weight = 0.0
-    no_contrast = ScPaLMForCellPretraining(tiny_config)(**inputs)
-    assert no_contrast.contrastive_loss is None
+    tiny_config.token_reconstruction_weight = 0.0
+    genes_only = ScPaLMForCellPretraining(tiny_config)(**inputs)
+    assert genes_only.contrastive_loss is None and genes_only.token_reconstruction_loss is None
+    torch.testing.assert_close(genes_only.loss, genes_only.reconstruction_loss)
 
 
 def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
@@ -100,7 +105,15 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
     depth = cell_depth(inputs["gene_values"], inputs["attention_mask"], torch.ones(tiny_config.num_genes, dtype=torch.bool))
     with torch.no_grad():
         decoder_input = (model.mask_token + output.cell_embedding[:, None]).expand(-1, tiny_config.num_pathway_tokens, -1)
-        torch.testing.assert_close(output.reconstruction, model.cell_decoder(decoder_input, depth))
+        genes, decoded_tokens = model.cell_decoder(decoder_input, depth, output_hidden_states=True)
+        torch.testing.assert_close(output.reconstruction, genes)
+        # The second target: every stage-1 pathway token (masked or kept), from the same decoder states.
+        measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+        stage_one_tokens = model.scpalm.encode_pathways(
+            inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"].bool(), measured
+        ).encoder_output
+    assert stage_one_tokens.shape == decoded_tokens.shape == (BATCH, tiny_config.num_pathway_tokens, tiny_config.hidden_size)
+    torch.testing.assert_close(output.token_reconstruction_loss, ((decoded_tokens - stage_one_tokens) ** 2).mean())
 
 
 def test_cell_embedding_pooling(tiny_config, inputs):
@@ -301,6 +314,8 @@ def test_config_validation_names_the_fix():
         ScPaLMConfig(hidden_size=100, num_attention_heads=8)
     with pytest.raises(StrictDataclassError, match="token_keep_ratio"):
         ScPaLMConfig(token_keep_ratio=1.0)
+    with pytest.raises(StrictDataclassError, match="token_reconstruction_weight"):
+        ScPaLMConfig(token_reconstruction_weight=-1.0)
     with pytest.raises(StrictDataclassError, match="exceeds `num_genes`"):
         ScPaLMConfig(num_genes=10, num_pathway_tokens=32)
     with pytest.raises(StrictDataclassError, match="expected int"):

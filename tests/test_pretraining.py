@@ -240,6 +240,10 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
         parse_args(["--dataset_dir", "d", "--output_dir", str(unbroken_run)])  # output exists
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--stage", "2"])  # no stage-1 model
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--learning_rate", "0"])
+    assert "--learning_rate must be positive" in capsys.readouterr().err
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--push_to_hub"])

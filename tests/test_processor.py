@@ -115,6 +115,18 @@ def test_bad_values_raise_clear_errors(processor, values, error, message):
         processor(values, gene_names=VOCABULARY)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([[3.0, 1.0, 0, 0, 12.0]]), "whole number"),  # raw counts
+        (np.array([[0.5, 1.0, 0, 0, 11.5]]), "above log1p"),  # beyond what a cell normalised to 10,000 can hold
+    ],
+)
+def test_normalised_input_that_cannot_be_log1p_of_counts_is_refused(processor, values, message):
+    with pytest.raises(ValueError, match=message):
+        processor(values, gene_names=VOCABULARY, is_normalized=True)
+
+
 def test_no_matching_gene_raises(processor):
     with pytest.raises(ValueError, match="None of the 2 input genes"):
         processor(np.array([[1, 2]]), gene_names=["FOO", "BAR"])
