@@ -1,6 +1,7 @@
 """The `scpalm` command: `scpalm pretrain ...` (as training/pretrain.py) and `scpalm embed ...`."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,13 +35,18 @@ def embed(argv=None):
         parser.error(f"{input_path}: no such file")
     if output_path.exists():
         parser.error(f"{output_path} exists: choose another --output (nothing is overwritten)")
+    if not output_path.parent.is_dir():
+        parser.error(f"{output_path.parent} is not a folder: create it first, or choose another --output")
 
     import anndata
     from transformers import AutoModel
 
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
 
-    adata = anndata.read_h5ad(input_path)
+    try:
+        adata = anndata.read_h5ad(input_path)
+    except (OSError, KeyError, ValueError) as error:  # h5py's messages for truncated or non-HDF5 files
+        parser.error(f"{input_path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?")
     model = AutoModel.from_pretrained(model_dir).to(args.device)
     if args.compile:
         model = torch.compile(model, dynamic=True)
@@ -49,7 +55,14 @@ def embed(argv=None):
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     adata.obsm[args.key] = embed_anndata(model, processor, adata, args.batch_size, args.is_normalized, args.layer,
                                          autocast_dtype=autocast_dtype)
-    adata.write_h5ad(output_path)
+    # Written under a temporary name in the same folder, then renamed: an interrupted write leaves no truncated file
+    # at --output to block the rerun.
+    partial = output_path.with_name(f".{output_path.stem}.partial-{os.getpid()}{output_path.suffix}")
+    try:
+        adata.write_h5ad(partial)
+        os.replace(partial, output_path)
+    finally:
+        partial.unlink(missing_ok=True)
     print(f"Wrote {adata.n_obs:,} embeddings of size {adata.obsm[args.key].shape[1]} to {output_path} (obsm['{args.key}'])")
 
 

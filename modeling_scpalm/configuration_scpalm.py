@@ -193,7 +193,8 @@ class ScPaLMConfig(PreTrainedConfig):
             )
         if self.token_reconstruction_weight < 0:
             raise ValueError(
-                f"`token_reconstruction_weight` must be >= 0 (0 decodes genes alone), got {self.token_reconstruction_weight}."
+                "`token_reconstruction_weight` must be >= 0 (0 decodes genes alone), "
+                f"got {self.token_reconstruction_weight}."
             )
         if self.contrastive_loss_weight < 0:
             raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")

@@ -79,6 +79,18 @@ def main(argv=None):
     adata = anndata.read_h5ad(data_args.train_file)
     if data_args.label_column not in adata.obs:
         parser.error(f"--label_column {data_args.label_column!r} is not in obs; it has: {', '.join(adata.obs.columns)}")
+    column = adata.obs[data_args.label_column]
+    if column.isna().any():
+        parser.error(
+            f"{int(column.isna().sum()):,} cells have no label in obs[{data_args.label_column!r}]: drop them first, e.g. "
+            f"adata[adata.obs[{data_args.label_column!r}].notna()].write_h5ad(...)"
+        )
+    sizes = column.astype(str).value_counts()
+    if (sizes < 2).any():
+        parser.error(
+            f"classes with a single cell cannot be split into training and evaluation cells: "
+            f"{', '.join(map(repr, sizes.index[sizes < 2]))}; drop or merge them first"
+        )
 
     processor = ScPaLMProcessor.from_pretrained(model_args.model_name_or_path)
     matrix = adata.layers[data_args.layer] if data_args.layer else adata.X

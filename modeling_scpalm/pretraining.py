@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--num_epochs must be positive, got {args.num_epochs}")
     if args.stage == "2" and not args.stage_one_model:
         parser.error("--stage 2 needs --stage_one_model, the folder stage 1 wrote")
+    if args.config_overrides:
+        _check_config_overrides(parser, args.preset, args.config_overrides)
     if args.init_from:
         missing = [f"{args.init_from}/{stage}" for stage in ("stage_1", "stage_2")
                    if not (Path(args.init_from) / stage / "config.json").is_file()]
@@ -118,6 +120,23 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it, or push later")
         args.hub_model_id = args.hub_model_id or output_dir.resolve().name
     return args
+
+
+def _check_config_overrides(parser: argparse.ArgumentParser, preset: str, overrides: str):
+    """Overrides are checked on the preset before any work: a wrong one must not cost a dataset build first."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from .configuration_scpalm import ScPaLMConfig
+
+    keys = [item.split("=", 1)[0].strip() for item in overrides.split(",")]
+    if "num_genes" in keys:
+        parser.error("--config_overrides cannot set num_genes: the vocabulary of the data (or of --init_from) sets it")
+    try:
+        config = ScPaLMConfig.from_preset(preset)
+        config.update_from_string(overrides)
+        config.validate()
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        parser.error(f"--config_overrides {overrides!r}: {error.__cause__ or error}")
 
 
 def main(argv=None):

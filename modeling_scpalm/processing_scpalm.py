@@ -291,8 +291,9 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float)
         if largest > ceiling * (1 + 1e-3):
             raise ValueError(
                 f"`is_normalized=True` (the CLI's --is_normalized), but the largest value is {largest:.4g}, above "
-                f"log1p({target_sum:g}) = {ceiling:.2f}, the most a gene can reach in a cell normalised to {target_sum:g} "
-                "counts. Pass raw counts without `is_normalized`, or values normalised to that total and log1p-transformed."
+                f"log1p({target_sum:g}) = {ceiling:.2f}, the most a gene can reach in a cell normalised to "
+                f"{target_sum:g} counts. Pass raw counts without `is_normalized`, or values normalised to that total "
+                "and log1p-transformed."
             )
 
 

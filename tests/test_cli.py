@@ -36,6 +36,7 @@ def test_embed_writes_the_embeddings_and_keeps_everything_else(saved_model, cell
     folder, model = saved_model
     path, cells = cells_file
     main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / "out.h5ad"), "--batch_size", "64"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"], "written under a temporary name, then renamed"
     written = ad.read_h5ad(tmp_path / "out.h5ad")
     assert written.obsm["X_scpalm"].shape == (200, model.config.hidden_size)
     assert (written.X != cells.X).nnz == 0 and "counts_copy" in written.layers
@@ -89,7 +90,15 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
         (["--model", str(folder), "--input", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "o.h5ad")], "no such file"),
         (["--model", str(folder), "--input", str(path), "--output", str(path)], "exists"),
         (["--model", str(tmp_path), "--input", str(path), "--output", str(tmp_path / "o.h5ad")], "not a saved scPaLM model"),
+        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "no" / "o.h5ad")], "is not a folder"),
     ]
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    not_hdf5 = tmp_path / "table.h5ad"
+    not_hdf5.write_text("gene,cell\nCD3E,1\n")
+    for source in (truncated, not_hdf5):
+        cases.append((["--model", str(folder), "--input", str(source), "--output", str(tmp_path / "o.h5ad")],
+                      "could not be read as an .h5ad file"))
     for arguments, message in cases:
         with pytest.raises(SystemExit):
             main(["embed", *arguments])
@@ -132,6 +141,19 @@ def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cel
         embed_anndata(model, pbmc3k_processor, cells, representation="mean")
     with pytest.raises(ValueError, match="no cells"):
         embed_anndata(model, pbmc3k_processor, cells[:0])
+
+
+def test_every_pbmc3k_cell_gets_one_embedding_in_any_batch_or_file(saved_model, pbmc3k, pbmc3k_processor):
+    """A cell's embedding depends on that cell alone: not on its batch, nor on the other cells of its file."""
+    _, model = saved_model
+    reference = embed_anndata(model, pbmc3k_processor, pbmc3k, batch_size=64, progress=False)
+    other_batches = embed_anndata(model, pbmc3k_processor, pbmc3k, batch_size=7, progress=False)
+    halves = [embed_anndata(model, pbmc3k_processor, pbmc3k[part].copy(), progress=False)
+              for part in (slice(None, 1000), slice(1000, None))]
+    for embedding in (other_batches, np.concatenate(halves)):
+        distance = np.linalg.norm(embedding - reference, axis=1)
+        worst = int(distance.argmax())
+        assert distance[worst] < 1e-4 * np.linalg.norm(reference[worst]), f"cell {worst} moved by {distance[worst]:.3g}"
 
 
 @pytest.mark.slow

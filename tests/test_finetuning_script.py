@@ -88,9 +88,19 @@ def test_group_by_length_batches_cells_of_similar_length(pretrained, cells, tmp_
     assert fill["group_by_length"] > 0.8 > fill["random"], fill  # measured: 0.89 and 0.63
 
 
-def test_bad_arguments_stop_before_any_work(pretrained, cells, tmp_path):
+def test_bad_arguments_stop_before_any_work(pretrained, cells, pbmc3k, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(arguments(pretrained, cells, tmp_path / "o", "full") + ["--label_column", "no_such_column"])
+    # Labels a class could not be trained or split from: missing ones (not a class named 'nan'), a one-cell class.
+    labelled = pbmc3k[:300].copy()
+    labelled.obs["missing"] = labelled.obs["cell_type"].astype(object).where(labelled.obs_names != labelled.obs_names[5])
+    labelled.obs["single"] = labelled.obs["cell_type"].astype(str).where(labelled.obs_names != labelled.obs_names[7], "lonely")
+    labelled.write_h5ad(tmp_path / "labelled.h5ad")
+    for column, message in (("missing", "1 cells have no label"), ("single", "'lonely'")):
+        with pytest.raises(SystemExit):
+            main(arguments(pretrained, tmp_path / "labelled.h5ad", tmp_path / "o", "full") + ["--label_column", column])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         main(arguments(pretrained, tmp_path / "missing.h5ad", tmp_path / "o", "full"))
     with pytest.raises(SystemExit):

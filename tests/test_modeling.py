@@ -112,7 +112,8 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
         stage_one_tokens = model.scpalm.encode_pathways(
             inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"].bool(), measured
         ).encoder_output
-    assert stage_one_tokens.shape == decoded_tokens.shape == (BATCH, tiny_config.num_pathway_tokens, tiny_config.hidden_size)
+    assert stage_one_tokens.shape == decoded_tokens.shape
+    assert decoded_tokens.shape == (BATCH, tiny_config.num_pathway_tokens, tiny_config.hidden_size)
     torch.testing.assert_close(output.token_reconstruction_loss, ((decoded_tokens - stage_one_tokens) ** 2).mean())
 
 

@@ -244,6 +244,11 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--learning_rate", "0"])
     assert "--learning_rate must be positive" in capsys.readouterr().err
+    for overrides, message in (("num_genes=100", "cannot set num_genes"), ("bogus=1", "bogus"),
+                               ("token_keep_ratio=2", "token_keep_ratio")):
+        with pytest.raises(SystemExit):  # before the dataset is built
+            parse_args(["--train_file", "a.h5ad", "--output_dir", str(tmp_path / "o"), "--config_overrides", overrides])
+        assert message in capsys.readouterr().err
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
