@@ -21,13 +21,16 @@ import json
 import math
 import os
 import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
+PARTIAL_SUFFIX = ".partial"  # a checkpoint folder being written
 # The default length of each stage follows the data, as scvi-tools' default epochs do: many passes over a small
 # dataset, fewer over a large one, never less than one; and a step's cost grows with the cells' expressed genes, so
 # deep cells get fewer steps (a budget of gene values). docs/design.md gives the measured step times.
@@ -351,7 +354,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
                 _append_log(accelerator, log_file, eval_record)
                 log_clock = time.perf_counter()
             if completed_steps % args.checkpointing_steps == 0 and completed_steps < max_steps:
-                accelerator.save_state(str(checkpoints / f"step_{completed_steps}"))
+                _save_checkpoint(accelerator, checkpoints / f"step_{completed_steps}")
                 log_clock = time.perf_counter()
             if completed_steps >= max_steps:
                 break
@@ -421,16 +424,41 @@ def _append_log(accelerator, log_file: Path, record: dict):
             handle.write(json.dumps(record) + "\n")
 
 
+def _save_checkpoint(accelerator, folder: Path):
+    """accelerate's state, written under a temporary name and renamed when every process has written its part: a run
+    killed while saving leaves no `step_<k>` for `latest` to pick."""
+    partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(partial, folder)
+    accelerator.wait_for_everyone()
+
+
 def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | None:
+    """The checkpoint of this stage to resume from: the newest complete one for "latest", else the folder named, when it
+    is this stage's (a checkpoint of the other stage resumes that stage, and this one starts or is done)."""
     if requested is None:
         return None
+    checkpoints = checkpoints.resolve()
     if requested != "latest":
-        path = Path(requested)
+        path = Path(requested).resolve()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder.")
+        if path.parent.parent != checkpoints.parent or not re.fullmatch(r"step_\d+", path.name):
+            raise ValueError(
+                f"--resume_from_checkpoint {requested} is not a checkpoint of this run: they are "
+                f"{checkpoints.parent}/stage_<n>/step_<k>. Give one of those, or 'latest'."
+            )
         return path if path.parent == checkpoints else None
-    saved = sorted(checkpoints.glob("step_*"), key=lambda path: int(path.name.split("_")[1]))
-    return saved[-1] if saved else None
+    unfinished = sorted(path.name for path in checkpoints.glob(f"step_*{PARTIAL_SUFFIX}"))
+    if unfinished:
+        warnings.warn(f"Skipping {', '.join(unfinished)} in {checkpoints}: checkpoints the run did not finish writing.")
+    saved = [path for path in checkpoints.glob("step_*") if re.fullmatch(r"step_\d+", path.name)]
+    return max(saved, key=lambda path: int(path.name.split("_")[1])) if saved else None
 
 
 def _genes_read_per_cell(lengths: np.ndarray, max_genes: int) -> float:

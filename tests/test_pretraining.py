@@ -290,3 +290,22 @@ def test_stage_two_loads_stage_one_without_a_wall_of_warnings(unbroken_run, capl
     finally:
         transformers_logging.disable_propagation()
     assert [record.getMessage()[:80] for record in caplog.records if record.levelno >= 30] == []
+
+
+def test_resume_picks_the_newest_complete_checkpoint_and_resolves_paths(tmp_path, monkeypatch):
+    from modeling_scpalm.pretraining import _checkpoint_to_resume
+
+    stage_one, stage_two = (tmp_path / "run" / "checkpoints" / f"stage_{n}" for n in (1, 2))
+    for folder in (stage_one / "step_2", stage_one / "step_10", stage_one / "step_12.partial", stage_two / "step_4"):
+        folder.mkdir(parents=True)
+    with pytest.warns(UserWarning, match="step_12.partial"):  # killed while saving: skipped, with a word
+        assert _checkpoint_to_resume("latest", stage_one) == (stage_one / "step_10").resolve()
+    monkeypatch.chdir(tmp_path)  # a relative path to a checkpoint of an absolute --output_dir
+    assert _checkpoint_to_resume("run/checkpoints/stage_1/step_2", stage_one.resolve()) == (stage_one / "step_2").resolve()
+    assert _checkpoint_to_resume("run/checkpoints/stage_1/step_2", stage_two) is None  # stage 1's: stage 2 starts anew
+    (tmp_path / "elsewhere" / "step_2").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a checkpoint of this run"):
+        _checkpoint_to_resume("elsewhere/step_2", stage_one)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        _checkpoint_to_resume("run/checkpoints/stage_1/step_99", stage_one)
+    assert _checkpoint_to_resume("latest", tmp_path / "none" / "stage_1") is None
