@@ -88,7 +88,7 @@ def main(argv=None):
     sizes = column.astype(str).value_counts()
     if (sizes < 2).any():
         parser.error(
-            f"classes with a single cell cannot be split into training and evaluation cells: "
+            "classes with a single cell cannot be split into training and evaluation cells: "
             f"{', '.join(map(repr, sizes.index[sizes < 2]))}; drop or merge them first"
         )
 
