@@ -39,6 +39,7 @@ def embed(argv=None):
         parser.error(f"{output_path.parent} is not a folder: create it first, or choose another --output")
 
     import anndata
+    from safetensors import SafetensorError
     from transformers import AutoModel
 
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
@@ -47,7 +48,11 @@ def embed(argv=None):
         adata = anndata.read_h5ad(input_path)
     except (OSError, KeyError, ValueError) as error:  # h5py's messages for truncated or non-HDF5 files
         parser.error(f"{input_path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?")
-    model = AutoModel.from_pretrained(model_dir).to(args.device)
+    try:
+        model = AutoModel.from_pretrained(model_dir).to(args.device)
+    except (SafetensorError, OSError) as error:  # a truncated or missing weights file
+        parser.error(f"the model in {model_dir} could not be loaded ({error}): is its model.safetensors complete? "
+                     "Copy or download the folder again.")
     if args.compile:
         model = torch.compile(model, dynamic=True)
     processor = ScPaLMProcessor.from_pretrained(model_dir)

@@ -1,6 +1,7 @@
 """The `scpalm` command line: `embed` writes obsm['X_scpalm'] and keeps the rest; bad arguments stop early."""
 
 import inspect
+import shutil
 
 import numpy as np
 import pytest
@@ -99,6 +100,12 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
     for source in (truncated, not_hdf5):
         cases.append((["--model", str(folder), "--input", str(source), "--output", str(tmp_path / "o.h5ad")],
                       "could not be read as an .h5ad file"))
+    broken_model = tmp_path / "broken_model"
+    shutil.copytree(folder, broken_model)
+    weights = broken_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    cases.append((["--model", str(broken_model), "--input", str(path), "--output", str(tmp_path / "o.h5ad")],
+                  "is its model.safetensors complete"))
     for arguments, message in cases:
         with pytest.raises(SystemExit):
             main(["embed", *arguments])
