@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
-PARTIAL_SUFFIX = ".partial"  # a checkpoint folder being written
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.partial` is one being written
+PARTIAL_SUFFIX = ".partial"
 # The default length of each stage follows the data, as scvi-tools' default epochs do: many passes over a small
 # dataset, fewer over a large one, never less than one; and a step's cost grows with the cells' expressed genes, so
 # deep cells get fewer steps (a budget of gene values). docs/design.md gives the measured step times.
@@ -308,7 +309,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     resume = _checkpoint_to_resume(args.resume_from_checkpoint, checkpoints)
     if resume is not None:
         accelerator.load_state(str(resume))
-        completed_steps = int(re.search(r"step_(\d+)$", resume.name).group(1))
+        completed_steps = int(CHECKPOINT_NAME.fullmatch(resume.name).group(1))
         accelerator.print(f"Resumed stage {stage} from {resume} at step {completed_steps}")
     log_file = stage_dir / "log.jsonl"
     if accelerator.is_main_process:
@@ -434,6 +435,8 @@ def _save_checkpoint(accelerator, folder: Path):
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if folder.exists():  # the same step saved again by a run resumed from an earlier checkpoint
+            shutil.rmtree(folder)
         os.replace(partial, folder)
     accelerator.wait_for_everyone()
 
@@ -448,7 +451,7 @@ def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | No
         path = Path(requested).resolve()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder.")
-        if path.parent.parent != checkpoints.parent or not re.fullmatch(r"step_\d+", path.name):
+        if path.parent.parent != checkpoints.parent or not CHECKPOINT_NAME.fullmatch(path.name):
             raise ValueError(
                 f"--resume_from_checkpoint {requested} is not a checkpoint of this run: they are "
                 f"{checkpoints.parent}/stage_<n>/step_<k>. Give one of those, or 'latest'."
@@ -457,8 +460,9 @@ def _checkpoint_to_resume(requested: str | None, checkpoints: Path) -> Path | No
     unfinished = sorted(path.name for path in checkpoints.glob(f"step_*{PARTIAL_SUFFIX}"))
     if unfinished:
         warnings.warn(f"Skipping {', '.join(unfinished)} in {checkpoints}: checkpoints the run did not finish writing.")
-    saved = [path for path in checkpoints.glob("step_*") if re.fullmatch(r"step_\d+", path.name)]
-    return max(saved, key=lambda path: int(path.name.split("_")[1])) if saved else None
+    matches = (CHECKPOINT_NAME.fullmatch(path.name) for path in checkpoints.glob("step_*"))
+    saved = {int(match.group(1)): checkpoints / match.group(0) for match in matches if match}
+    return saved[max(saved)] if saved else None
 
 
 def _genes_read_per_cell(lengths: np.ndarray, max_genes: int) -> float:

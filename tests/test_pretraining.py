@@ -309,3 +309,19 @@ def test_resume_picks_the_newest_complete_checkpoint_and_resolves_paths(tmp_path
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         _checkpoint_to_resume("run/checkpoints/stage_1/step_99", stage_one)
     assert _checkpoint_to_resume("latest", tmp_path / "none" / "stage_1") is None
+
+
+def test_a_checkpoint_is_renamed_into_place_and_can_be_saved_again(tmp_path):
+    from accelerate import Accelerator
+
+    from modeling_scpalm.pretraining import _save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    folder = tmp_path / "step_2"
+    (tmp_path / "step_2.partial").mkdir()  # left by a run killed while saving
+    for _ in range(2):  # the second time as a run resumed from an earlier checkpoint saves step 2 again
+        _save_checkpoint(accelerator, folder)
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["step_2"]
+        assert (folder / "optimizer.bin").stat().st_size > 0
