@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelF
 from .collator_scpalm import ScPaLMDataCollator
 from .configuration_scpalm import PRESETS, ScPaLMConfig
 from .data_scpalm import BuildReport, build_pretraining_dataset, load_gene_panels, load_pretraining_dataset
-from .inference import embed_anndata
+from .inference import embed_anndata, embed_h5ad
 from .modeling_scpalm import (
     ScPaLMForCellClassification,
     ScPaLMForCellClassificationOutput,
@@ -36,6 +36,7 @@ __all__ = [
     "ScPaLMDataCollator",
     "build_pretraining_dataset",
     "embed_anndata",
+    "embed_h5ad",
     "load_gene_panels",
     "load_pretraining_dataset",
     "GeneMatch",

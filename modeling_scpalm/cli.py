@@ -1,22 +1,23 @@
 """The `scpalm` command: `scpalm pretrain ...` (as training/pretrain.py) and `scpalm embed ...`."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from .data_scpalm import ACCELERATOR_BATCH_SIZE
-from .inference import embed_anndata
 
 
 def embed(argv=None):
-    parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].")
-    parser.add_argument("--model", required=True, help="a folder written by pretraining (model and processor)")
+    parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved model and processor: a pretraining run's model/ folder "
+                        "(or the run folder itself)")
     parser.add_argument("--input", required=True, help=".h5ad with raw counts in X (or --layer)")
     parser.add_argument("--output", required=True, help="the .h5ad to write: the input plus obsm['X_scpalm']")
-    parser.add_argument("--layer", help="take counts from this layer instead of X")
+    parser.add_argument("--layer", help="read the values from this layer instead of X ('raw': raw/X, where scanpy keeps "
+                        "the values a workflow started from)")
     parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
     parser.add_argument("--batch_size", type=int, help="cells per batch (default: a few MiB of gene vectors a batch on CPU, "
                         f"{ACCELERATOR_BATCH_SIZE} cells on a GPU)")
@@ -29,6 +30,8 @@ def embed(argv=None):
                         "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/")
     args = parser.parse_args(argv)
     model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
+    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"  # a pretraining run's folder: its exported model
     if not (model_dir / "config.json").is_file() or not (model_dir / "preprocessor_config.json").is_file():
         parser.error(f"{model_dir} is not a saved scPaLM model: it needs config.json and preprocessor_config.json")
     if not input_path.is_file():
@@ -38,16 +41,23 @@ def embed(argv=None):
     if not output_path.parent.is_dir():
         parser.error(f"{output_path.parent} is not a folder: create it first, or choose another --output")
 
-    import anndata
+    import h5py
     from safetensors import SafetensorError
     from transformers import AutoModel
 
+    from .inference import embed_h5ad, open_h5ad_matrix
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
 
     try:
-        adata = anndata.read_h5ad(input_path)
-    except (OSError, KeyError, ValueError) as error:  # h5py's messages for truncated or non-HDF5 files
+        with h5py.File(input_path, "r") as file:
+            matrix, var = open_h5ad_matrix(file, args.layer)
+            num_cells = matrix.shape[0]
+    except (OSError, KeyError) as error:  # h5py's messages for truncated or non-HDF5 files
         parser.error(f"{input_path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?")
+    except ValueError as error:  # a --layer the file does not have
+        parser.error(str(error))
+    if num_cells == 0:
+        parser.error(f"{input_path} holds no cells: nothing to embed")
     try:
         model = AutoModel.from_pretrained(model_dir).to(args.device)
     except (SafetensorError, OSError) as error:  # a truncated or missing weights file
@@ -56,19 +66,16 @@ def embed(argv=None):
     if args.compile:
         model = torch.compile(model, dynamic=True)
     processor = ScPaLMProcessor.from_pretrained(model_dir)
-    print(f"scPaLM: {processor.match_genes(adata.var_names, anndata_gene_ids(adata))}")
+    print(f"scPaLM: {processor.match_genes(list(var.index), anndata_gene_ids(var))}")
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    adata.obsm[args.key] = embed_anndata(model, processor, adata, args.batch_size, args.is_normalized, args.layer,
-                                         autocast_dtype=autocast_dtype)
-    # Written under a temporary name in the same folder, then renamed: an interrupted write leaves no truncated file
-    # at --output to block the rerun.
-    partial = output_path.with_name(f".{output_path.stem}.partial-{os.getpid()}{output_path.suffix}")
+    # Streamed from the input to a temporary file beside --output, renamed when complete: memory follows the chunk,
+    # and an interrupted run leaves no truncated file at --output to block the rerun.
     try:
-        adata.write_h5ad(partial)
-        os.replace(partial, output_path)
-    finally:
-        partial.unlink(missing_ok=True)
-    print(f"Wrote {adata.n_obs:,} embeddings of size {adata.obsm[args.key].shape[1]} to {output_path} (obsm['{args.key}'])")
+        embed_h5ad(model, processor, input_path, output_path, args.key, args.layer, args.is_normalized, args.batch_size,
+                   autocast_dtype=autocast_dtype)
+    except (ValueError, TypeError) as error:  # the data's values or genes: the processor's message says what to do
+        parser.error(f"{input_path}: {error}")
+    print(f"Wrote {num_cells:,} embeddings of size {model.config.hidden_size} to {output_path} (obsm['{args.key}'])")
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ Data handling lives here, apart from the model files that ship to the Hub.
 """
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from .processing_scpalm import GeneMatch, ScPaLMProcessor, anndata_gene_ids
 
 PANELS_FILE = "gene_panels.json"
+PARTIAL_MARK = ".partial-"  # `.<name>.partial-<pid>`: a folder or file still being written by process <pid>
 BUILD_REPORT_FILE = "build_report.txt"  # what was kept and dropped, for people and the model card
 
 
@@ -74,7 +76,6 @@ def build_pretraining_dataset(
             values are not counts (see `ScPaLMProcessor.transform`).
     """
     import anndata
-    import datasets
 
     train_files = [Path(path) for path in train_files]
     missing = [str(path) for path in train_files if not path.is_file()]
@@ -88,6 +89,27 @@ def build_pretraining_dataset(
 
     if processor is None:
         processor = ScPaLMProcessor.from_anndata([anndata.read_h5ad(path, backed="r") for path in train_files])
+    # Built under a temporary name beside `output_dir` and renamed when complete: a build that is interrupted leaves
+    # no half-written dataset at `output_dir` (only the hidden folder, removed by the next build).
+    remove_stale_partials(output_dir)
+    staging = partial_path(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        report = _write_dataset(train_files, staging, processor, eval_fraction, is_normalized, layer, chunk_size,
+                                max_shard_size, seed, progress)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty, as checked above: the rename needs the name free
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return processor, report
+
+
+def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normalized, layer, chunk_size, max_shard_size,
+                   seed, progress) -> "BuildReport":
+    """The dataset, its panels, processor and report, written into `output_dir`."""
+    import datasets
+
     build = _BuildState(processor, is_normalized, layer, chunk_size, progress)
     features = datasets.Features(
         {
@@ -125,7 +147,32 @@ def build_pretraining_dataset(
     report.num_train_cells = len(dataset_dict["train"])
     report.num_eval_cells = len(dataset_dict["eval"]) if "eval" in dataset_dict else 0
     (output_dir / BUILD_REPORT_FILE).write_text(str(report) + "\n")
-    return processor, report
+    return report
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary name beside `path` that this process writes it under before renaming it into place."""
+    return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+
+
+def remove_stale_partials(path: Path):
+    """Deletes what interrupted processes left while writing `path` (`partial_path`s of processes that are gone); a
+    partial whose process still runs is left alone."""
+    for leftover in path.parent.glob(f".{path.name}{PARTIAL_MARK}*") if path.parent.is_dir() else []:
+        pid = leftover.name.rsplit(PARTIAL_MARK, 1)[1].split(".")[0]
+        if pid.isdigit() and _process_is_running(int(pid)):
+            continue
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
 
 
 @dataclass
@@ -232,6 +279,10 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
 # 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
 CPU_BATCH_BYTES = 2**23
 ACCELERATOR_BATCH_SIZE = 256
+# Inference pads a batch to a multiple of this many genes, and sizes CPU batches by that width: the batches of a width
+# then have one shape, and their tensors reuse the memory the last one freed. With every batch a different shape,
+# glibc's heap fragmented and peak memory about doubled (docs/design.md).
+INFERENCE_PAD_MULTIPLE = 128
 
 
 def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.device, batch_size: int | None = None,
@@ -239,7 +290,8 @@ def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.devic
     """
     Cells sorted by their number of non-zero genes (`lengths`), so that a batch pads little, cut into batches of row
     indices: `batch_size` cells each when given; by default on CPU as many as keep the padded batch's gene vectors
-    (cells x its longest cell x `hidden_size` values of `dtype`, the dtype the model computes in) within
+    (cells x its longest cell, rounded up to `INFERENCE_PAD_MULTIPLE`, x `hidden_size` values of `dtype`, the dtype
+    the model computes in) within
     `CPU_BATCH_BYTES` (at least one cell), elsewhere `ACCELERATOR_BATCH_SIZE`.
     """
     if batch_size is not None and batch_size < 1:
@@ -249,7 +301,7 @@ def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.devic
         size = batch_size or ACCELERATOR_BATCH_SIZE
         return [order[start : start + size] for start in range(0, len(order), size)]
     max_entries = max(CPU_BATCH_BYTES // (hidden_size * dtype.itemsize), 1)
-    sorted_lengths = np.maximum(lengths[order], 1)
+    sorted_lengths = -(-np.maximum(lengths[order], 1) // INFERENCE_PAD_MULTIPLE) * INFERENCE_PAD_MULTIPLE
     batches, start = [], 0
     while start < len(order):
         # No more than max_entries // (the batch's shortest cell) cells fit; padded to its last (longest) cell, a

@@ -6,10 +6,11 @@ summaries each stage leaves in its folder (`training_summary.json`) and the data
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from .data_scpalm import BUILD_REPORT_FILE
+from .data_scpalm import BUILD_REPORT_FILE, partial_path, remove_stale_partials
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
 TRAINING_SUMMARY_FILE = "training_summary.json"
@@ -25,14 +26,21 @@ def export_model(
     dataset_names: list[str] | None = None,
     license: str = "apache-2.0",
 ) -> Path:
-    """Copy the last stage's model and processor to `output_dir` and write its model card there (README.md)."""
+    """Copy the last stage's model and processor to `output_dir` and write its model card there (README.md). The folder
+    is made under a temporary name beside it and renamed when complete."""
     output_dir = Path(output_dir)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)  # made from the stage folders alone: safe to make again (a resumed run does)
-    shutil.copytree(stage_dirs[-1], output_dir, ignore=shutil.ignore_patterns("log.jsonl", TRAINING_SUMMARY_FILE))
-    # A local model is named after its run folder (output_dir is `<run>/model`).
-    model_name = model_id.split("/")[-1] if model_id else output_dir.resolve().parent.name
-    write_model_card(output_dir, stage_dirs, dataset_dir, model_id or str(output_dir), model_name, dataset_names, license)
+    remove_stale_partials(output_dir)
+    staging = partial_path(output_dir)
+    try:
+        shutil.copytree(stage_dirs[-1], staging, ignore=shutil.ignore_patterns("log.jsonl", ".*", TRAINING_SUMMARY_FILE))
+        # A local model is named after its run folder (output_dir is `<run>/model`).
+        model_name = model_id.split("/")[-1] if model_id else output_dir.resolve().parent.name
+        write_model_card(staging, stage_dirs, dataset_dir, model_id or str(output_dir), model_name, dataset_names, license)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # made from the stage folders alone: safe to make again (a resumed run does)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -487,6 +487,8 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
                 f"`gene_ids` must be an integer tensor of shape (batch, max_nonzero), got {tuple(gene_ids.shape)} "
                 f"{gene_ids.dtype}: make inputs with `ScPaLMProcessor`."
             )
+        if gene_ids.shape[0] == 0:
+            raise ValueError("The batch holds no cells (`gene_ids` has 0 rows): pass at least one cell.")
         if gene_values.shape != gene_ids.shape or not gene_values.is_floating_point():
             raise ValueError(
                 f"`gene_values` must be a float tensor shaped like `gene_ids` {tuple(gene_ids.shape)}, got "

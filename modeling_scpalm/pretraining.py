@@ -32,6 +32,7 @@ import torch
 STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.partial` is one being written
 PARTIAL_SUFFIX = ".partial"
+LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
 # The default length of each stage follows the data, as scvi-tools' default epochs do: many passes over a small
 # dataset, fewer over a large one, never less than one; and a step's cost grows with the cells' expressed genes, so
 # deep cells get fewer steps (a budget of gene values). docs/design.md gives the measured step times.
@@ -49,43 +50,52 @@ def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size
     return max(steps_per_epoch, steps)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or action.default is False or action.default == [] or "default" in action.help:
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".strip()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="scpalm pretrain", description=__doc__, formatter_class=_HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
     data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
     data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
     data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
-    data.add_argument("--eval_fraction", type=float, default=0.05)
+    data.add_argument("--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss")
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")
-    model.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    model.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to train")
     model.add_argument("--stage_one_model", help="with --stage 2: the stage-1 folder to start from")
     model.add_argument("--config_overrides", help="config fields to change, e.g. 'use_quantizer=false,pathway_encoder_num_hidden_layers=0'"
                        " (applied to every stage's config: the ablations of Tables 2, 3, 5 and 6)")
     model.add_argument("--init_from", help="an earlier run's output_dir: continue from its weights and vocabulary "
                        "(self-supervised adaptation to the new files; --preset is then ignored)")
     training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True)
-    training.add_argument("--per_device_batch_size", type=int, default=64)
+    training.add_argument("--output_dir", required=True, help="the run folder: dataset, stages, checkpoints, model")
+    training.add_argument("--per_device_batch_size", type=int, default=64, help="cells per batch and process")
     training.add_argument("--learning_rate", type=float, help="default: 2e-3 in both stages (docs/design.md)")
-    training.add_argument("--weight_decay", type=float, default=0.01)
-    training.add_argument("--warmup_ratio", type=float, default=0.05)
+    training.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's")
+    training.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps the learning rate warms up over")
     training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
     training.add_argument("--num_epochs", type=float, help="epochs per stage (default: by data size, "
                           f"{DEFAULT_EPOCHS:g} epochs within {DEFAULT_MIN_STEPS}-{DEFAULT_MAX_STEPS} steps and "
                           f"{DEFAULT_GENE_VALUES:,} expressed genes seen, at least one epoch)")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--max_grad_norm", type=float, default=1.0)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
-    training.add_argument("--eval_steps", type=int, default=500)
-    training.add_argument("--checkpointing_steps", type=int, default=500)
-    training.add_argument("--logging_steps", type=int, default=10)
+    training.add_argument("--eval_steps", type=int, default=500, help="steps between evaluations of the held-out loss")
+    training.add_argument("--checkpointing_steps", type=int, default=500, help="steps between checkpoints")
+    training.add_argument("--logging_steps", type=int, default=10, help="steps between log records")
     training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
-    training.add_argument("--num_workers", type=int, default=0)
+    training.add_argument("--num_workers", type=int, default=0, help="data loader processes")
     training.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                           help="batch cells of similar non-zero counts together (less padding; on by default)")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, the batches and the views")
     hub = parser.add_argument_group("sharing (the run ends by writing output_dir/model: model, processor, model card)")
     hub.add_argument("--push_to_hub", action="store_true", help="upload output_dir/model to the Hub at the end")
     hub.add_argument("--hub_model_id", help="the Hub repository, 'user/name' (default: the output folder's name)")
@@ -114,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.stage_one_model or args.dataset_dir:
             parser.error("--init_from takes the vocabulary and weights from that run: drop --stage_one_model/--dataset_dir")
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.resume_from_checkpoint:
+    if _run_contents(output_dir) and not args.resume_from_checkpoint:
         parser.error(f"{output_dir} exists and is not empty: choose a new --output_dir, or --resume_from_checkpoint")
     if args.push_to_hub:
         from huggingface_hub import constants
@@ -124,6 +134,34 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it, or push later")
         args.hub_model_id = args.hub_model_id or output_dir.resolve().name
     return args
+
+
+def _run_contents(output_dir: Path) -> list[Path]:
+    """What a run folder holds, less the lock and what an interrupted dataset build left (the next build removes it)."""
+    from .data_scpalm import PARTIAL_MARK
+
+    if not output_dir.is_dir():
+        return []
+    return [path for path in output_dir.iterdir() if path.name != LOCK_FILE and PARTIAL_MARK not in path.name]
+
+
+def _lock_run_folder(output_dir: Path, accelerator):
+    """An exclusive lock on the run folder, held by the main process until the run ends (the system releases it when
+    the process dies, however it dies): a second run pointed at the folder stops instead of writing into it."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock, Timeout
+
+    if not accelerator.is_main_process:
+        return nullcontext()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return FileLock(output_dir / LOCK_FILE).acquire(timeout=0)  # released when the `with` block ends
+    except Timeout:
+        raise RuntimeError(
+            f"Another run is writing {output_dir} (it holds {output_dir / LOCK_FILE}): wait for it to end, or choose "
+            "another --output_dir."
+        ) from None
 
 
 def _check_config_overrides(parser: argparse.ArgumentParser, preset: str, overrides: str):
@@ -161,6 +199,11 @@ def main(argv=None):
     set_seed(args.seed)
     accelerator.print(accelerator.state)
     output_dir = Path(args.output_dir)
+    with _lock_run_folder(output_dir, accelerator):
+        return _run(args, accelerator, output_dir)
+
+
+def _run(args, accelerator, output_dir: Path) -> Path:
     dataset_dir = Path(args.dataset_dir) if args.dataset_dir else output_dir / "dataset"
     if args.train_file and accelerator.is_main_process and not dataset_dir.exists():
         from .data_scpalm import build_pretraining_dataset
@@ -240,7 +283,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
 
     output_dir = Path(args.output_dir)
     stage_dir = output_dir / f"stage_{stage}"
-    if args.resume_from_checkpoint and (stage_dir / "config.json").exists():
+    if args.resume_from_checkpoint and (stage_dir / TRAINING_SUMMARY_FILE).exists():
         accelerator.print(f"Stage {stage} finished before the run stopped: {stage_dir}")
         return stage_dir
     # A stage's initialisation and data order depend on the seed alone, not on whether the stage before it ran in
@@ -382,7 +425,11 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
             "eval_reconstruction_loss": round(eval_record["eval_reconstruction_loss"], 5) if eval_loader is not None else None,
             "seed": args.seed,
         }
-        (stage_dir / TRAINING_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        # Written last, and renamed into place: a stage is finished when its summary is there, so a run killed while
+        # saving the model trains the stage's tail again on resuming.
+        partial = stage_dir / f".{TRAINING_SUMMARY_FILE}.partial"
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(partial, stage_dir / TRAINING_SUMMARY_FILE)
     accelerator.wait_for_everyone()
     # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
     accelerator.free_memory()

@@ -30,8 +30,9 @@ def gene_key(name: str) -> str:
 
 
 def anndata_gene_ids(adata, column: str = "gene_ids") -> list[str] | None:
-    """An AnnData's per-gene IDs (Ensembl, usually) from `var[column]`, if it has that column."""
-    return adata.var[column].astype(str).tolist() if column in adata.var else None
+    """An AnnData's (or its `var` table's) per-gene IDs (Ensembl, usually) from `var[column]`, if it has that column."""
+    var = adata if hasattr(adata, "columns") else adata.var  # a DataFrame, or an AnnData
+    return var[column].astype(str).tolist() if column in var else None
 
 
 @dataclass
@@ -155,24 +156,37 @@ class ScPaLMProcessor(FeatureExtractionMixin):
             logger.info(f"scPaLM processor: {match}")
             if match.num_matched_input_genes < 0.5 * match.num_input_genes:
                 warnings.warn(f"Only a few genes matched the vocabulary: {match}.", stacklevel=3)
+            elif match.num_measured_vocabulary_genes < 0.2 * self.num_genes:
+                warnings.warn(
+                    f"The input covers {match.num_measured_vocabulary_genes / self.num_genes:.1%} of the model's "
+                    f"vocabulary ({match}): each token pools only the genes measured, so a narrow panel (e.g. highly "
+                    "variable genes only) embeds differently from the cells the model learned on. Pass all measured "
+                    "genes (raw counts, e.g. `adata.raw`) where you have them.",
+                    stacklevel=3,
+                )
             self._last_match = (key, match)
         return self._last_match[1]
 
     # -- data -----------------------------------------------------------------------------------------------------
 
     def transform(
-        self, expression, gene_names=None, gene_ids=None, is_normalized: bool = False
+        self, expression, gene_names=None, gene_ids=None, is_normalized: bool = False, first_row: int = 0
     ) -> tuple[sp.csr_matrix, np.ndarray]:
         """
         Cells x input genes -> (cells x vocabulary CSR of log-normalised float32 values, measured-gene mask).
+        `first_row` is the first cell's row in a larger matrix read in chunks, for the row numbers errors name.
 
         Raises `ValueError` / `TypeError` on NaN, infinite, negative or non-numeric values, non-integer counts when
         `is_normalized=False`, a gene list that does not fit the matrix or matches nothing, and cells without counts.
         """
+        if hasattr(expression, "to_memory"):  # a backed AnnData's X (anndata's on-disk sparse matrix)
+            expression = expression.to_memory()
         matrix = expression if sp.issparse(expression) else np.asarray(expression)
         if matrix.dtype != bool and (not np.issubdtype(matrix.dtype, np.number) or np.iscomplexobj(matrix)):
             raise TypeError(f"Expression values must be real numbers, got dtype {matrix.dtype}: convert the matrix first.")
         matrix = sp.csr_matrix(matrix)
+        if matrix.shape[0] == 0:
+            raise ValueError("The expression matrix has no cells (0 rows): pass at least one cell.")
         if gene_names is None or len(gene_names) != matrix.shape[1]:
             raise ValueError(
                 f"The matrix has {matrix.shape[1]:,} genes (columns) but {'no' if gene_names is None else len(gene_names)} "
@@ -187,7 +201,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
             linear.data = np.expm1(linear.data)  # duplicates are summed on the linear scale
         else:
             library_size = np.asarray(matrix.sum(axis=1)).ravel()
-            _check_nonempty(library_size == 0, "have no counts at all")
+            _check_nonempty(library_size == 0, "have no counts at all", first_row)
             linear = sp.diags(self.target_sum / library_size) @ matrix
 
         columns = np.flatnonzero(match.vocabulary_index >= 0)
@@ -196,7 +210,7 @@ class ScPaLMProcessor(FeatureExtractionMixin):
         )
         mapped = (linear @ mapping).tocsr()
         mapped.eliminate_zeros()
-        _check_nonempty(np.diff(mapped.indptr) == 0, "express none of the model's vocabulary genes")
+        _check_nonempty(np.diff(mapped.indptr) == 0, "express none of the model's vocabulary genes", first_row)
         mapped.data = np.log1p(mapped.data)
         mapped.sort_indices()
         measured = np.zeros(self.num_genes, dtype=bool)
@@ -204,11 +218,14 @@ class ScPaLMProcessor(FeatureExtractionMixin):
         return mapped.astype(np.float32), measured
 
     @staticmethod
-    def pad(cells: sp.csr_matrix, return_tensors: str = "pt") -> BatchFeature:
-        """Rows of a vocabulary CSR -> padded `gene_ids`, `gene_values` and `attention_mask` (no per-cell loop)."""
+    def pad(cells: sp.csr_matrix, return_tensors: str = "pt", pad_to_multiple_of: int | None = None) -> BatchFeature:
+        """Rows of a vocabulary CSR -> padded `gene_ids`, `gene_values` and `attention_mask` (no per-cell loop), as
+        wide as the longest cell, rounded up to `pad_to_multiple_of` when given."""
         cells = cells.tocsr()
         lengths = np.diff(cells.indptr)
         width = max(int(lengths.max(initial=0)), 1)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         rows = np.repeat(np.arange(cells.shape[0]), lengths)
         positions = np.arange(cells.nnz) - np.repeat(cells.indptr[:-1], lengths)
         gene_ids = np.zeros((cells.shape[0], width), dtype=np.int64)
@@ -275,8 +292,9 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float)
     if not is_normalized and not np.array_equal(values, np.round(values)):
         raise ValueError(
             "The expression matrix holds non-integer values but `is_normalized=False` expects raw counts: pass raw "
-            "counts (e.g. `layer='counts'` or `adata.raw`), or `is_normalized=True` if the values are already "
-            "library-size normalised and log1p-transformed."
+            "counts (e.g. `layer='counts'` or `layer='raw'` for `adata.raw`; the CLI's --layer counts / --layer raw), "
+            "or `is_normalized=True` (--is_normalized) if the values are already library-size normalised and "
+            "log1p-transformed."
         )
     if is_normalized and values.size:
         # Counts read as log values overflow in expm1 and give NaN embeddings: refuse what log1p(counts per
@@ -297,10 +315,10 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float)
             )
 
 
-def _check_nonempty(empty: np.ndarray, what: str):
+def _check_nonempty(empty: np.ndarray, what: str, first_row: int = 0):
     if empty.any():
         raise ValueError(
-            f"{int(empty.sum()):,} cells {what} (first at rows {np.flatnonzero(empty)[:5].tolist()}): remove them "
+            f"{int(empty.sum()):,} cells {what} (first at rows {(np.flatnonzero(empty)[:5] + first_row).tolist()}): remove them "
             "first, e.g. `sc.pp.filter_cells(adata, min_counts=1)` on the genes the model knows."
         )
 

@@ -19,6 +19,7 @@ def benchmarks_importable(monkeypatch):
     "script, options",
     [("inference", []), ("vocabulary", []), ("training", ["--dtype", "float32", "bfloat16"]), ("data_pipeline", []),
      ("probe", []), ("batching", ["--dtype", "float32", "bfloat16"]),
+     pytest.param("embed_memory", [], marks=pytest.mark.slow),
      pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
      pytest.param("training", ["--compile"], marks=pytest.mark.slow)],
 )

@@ -38,6 +38,8 @@ def test_embed_writes_the_embeddings_and_keeps_everything_else(saved_model, cell
     path, cells = cells_file
     main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / "out.h5ad"), "--batch_size", "64"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"], "written under a temporary name, then renamed"
+    with open(path, "rb") as source, open(tmp_path / "out.h5ad", "rb") as target:  # the input, plus one obsm entry
+        assert len(target.read()) > len(source.read())
     written = ad.read_h5ad(tmp_path / "out.h5ad")
     assert written.obsm["X_scpalm"].shape == (200, model.config.hidden_size)
     assert (written.X != cells.X).nnz == 0 and "counts_copy" in written.layers
@@ -55,8 +57,10 @@ def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_
     path, cells = cells_file
     shuffled_path = tmp_path / "shuffled.h5ad"
     cells[:, np.random.default_rng(1).permutation(cells.n_vars)].copy().write_h5ad(shuffled_path)
-    for source, name in ((path, "a.h5ad"), (shuffled_path, "b.h5ad")):
-        main(["embed", "--model", str(folder), "--input", str(source), "--output", str(tmp_path / name)])
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "model")
+    for source, name, model in ((path, "a.h5ad", folder), (shuffled_path, "b.h5ad", run)):  # a run folder is read too
+        main(["embed", "--model", str(model), "--input", str(source), "--output", str(tmp_path / name)])
     first, second = (ad.read_h5ad(tmp_path / name).obsm["X_scpalm"] for name in ("a.h5ad", "b.h5ad"))
     np.testing.assert_allclose(first, second, atol=1e-5, rtol=1e-4)
 
@@ -92,6 +96,8 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
         (["--model", str(folder), "--input", str(path), "--output", str(path)], "exists"),
         (["--model", str(tmp_path), "--input", str(path), "--output", str(tmp_path / "o.h5ad")], "not a saved scPaLM model"),
         (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "no" / "o.h5ad")], "is not a folder"),
+        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--layer", "spliced"],
+         "no layer 'spliced': its layers are ['counts_copy']"),
     ]
     truncated = tmp_path / "truncated.h5ad"
     truncated.write_bytes(path.read_bytes()[:5000])
@@ -114,14 +120,16 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
         main(["train"])
 
 
-def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path):
+def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path, capsys):
     import scanpy as sc
 
     folder, _ = saved_model
     normalised = sc.datasets.pbmc68k_reduced().raw.to_adata()
     normalised.write_h5ad(tmp_path / "normalised.h5ad")
-    with pytest.raises(ValueError, match="non-integer values"):
+    with pytest.raises(SystemExit):
         main(["embed", "--model", str(folder), "--input", str(tmp_path / "normalised.h5ad"), "--output", str(tmp_path / "o.h5ad")])
+    error = capsys.readouterr().err
+    assert "non-integer values" in error and "--is_normalized" in error and "Traceback" not in error
     assert not (tmp_path / "o.h5ad").exists()
 
 
@@ -161,6 +169,40 @@ def test_every_pbmc3k_cell_gets_one_embedding_in_any_batch_or_file(saved_model, 
         distance = np.linalg.norm(embedding - reference, axis=1)
         worst = int(distance.argmax())
         assert distance[worst] < 1e-4 * np.linalg.norm(reference[worst]), f"cell {worst} moved by {distance[worst]:.3g}"
+
+
+def test_embed_streams_chunks_of_cells_from_disk_with_the_in_memory_result(saved_model, pbmc3k, pbmc3k_processor, tmp_path):
+    """Chunks of a few cells read from the file (sparse or dense, X, a layer or raw) give what the whole file in memory
+    gives; so does an AnnData opened in backed mode."""
+    import anndata as ad
+
+    from modeling_scpalm import embed_h5ad
+    from modeling_scpalm.inference import row_chunks
+
+    _, model = saved_model
+    cells = pbmc3k[:300].copy()
+    expected = embed_anndata(model, pbmc3k_processor, cells, progress=False)
+    cells.layers["counts"] = cells.X.copy()
+    cells.raw = cells
+    sparse_path, dense_path = tmp_path / "sparse.h5ad", tmp_path / "dense.h5ad"
+    cells.write_h5ad(sparse_path)
+    dense = cells.copy()
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(dense_path)
+    assert len(row_chunks(cells.X, max_entries=20_000)) > 5  # several chunks, cut by the row pointers
+    for source, layer in ((sparse_path, None), (dense_path, None), (sparse_path, "counts"), (sparse_path, "raw")):
+        output = tmp_path / f"out_{source.stem}_{layer}.h5ad"
+        assert embed_h5ad(model, pbmc3k_processor, source, output, layer=layer, progress=False, max_entries=20_000) == 300
+        written = ad.read_h5ad(output)
+        np.testing.assert_allclose(written.obsm["X_scpalm"], expected, atol=1e-5, rtol=1e-4, err_msg=f"{source.stem} {layer}")
+        assert (written.layers["counts"] != cells.X).nnz == 0
+    backed = ad.read_h5ad(sparse_path, backed="r")
+    np.testing.assert_allclose(embed_anndata(model, pbmc3k_processor, backed, progress=False), expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the processor reads a backed AnnData too
+        np.testing.assert_allclose(model(**pbmc3k_processor(backed[:50])).cell_embedding.numpy(), expected[:50],
+                                   atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no layer 'spliced'.*counts"):
+        embed_anndata(model, pbmc3k_processor, cells, layer="spliced")
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_a_killed_and_resumed_run_ends_where_an_unbroken_one_does(dataset_dir, u
     shutil.rmtree(output / "stage_2")
     shutil.rmtree(output / "checkpoints" / "stage_2")
     if killed_in_stage == 1:
-        (output / "stage_1" / "config.json").unlink()
+        (output / "stage_1" / "training_summary.json").unlink()  # its last file: the stage did not finish
     else:
         shutil.copytree(unbroken_run / "checkpoints" / "stage_2", output / "checkpoints" / "stage_2")
     main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN, "--resume_from_checkpoint", "latest"])
@@ -325,3 +325,11 @@ def test_a_checkpoint_is_renamed_into_place_and_can_be_saved_again(tmp_path):
         _save_checkpoint(accelerator, folder)
         assert sorted(path.name for path in tmp_path.iterdir()) == ["step_2"]
         assert (folder / "optimizer.bin").stat().st_size > 0
+
+
+def test_help_names_the_command_and_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: scpalm pretrain") and "cells per batch and process (default: 64)" in printed
+    assert "(default: None)" not in printed

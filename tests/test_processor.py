@@ -77,6 +77,9 @@ def test_padding_keeps_every_nonzero_gene(pbmc3k, pbmc3k_processor):
     dense.scatter_add_(1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"])
     np.testing.assert_allclose(dense.numpy(), cells.toarray(), rtol=1e-6)
     assert inputs["measured_gene_mask"].shape == (pbmc3k_processor.num_genes,)
+    rounded = pbmc3k_processor.pad(cells, pad_to_multiple_of=128)
+    assert rounded["gene_ids"].shape[1] == -(-np.diff(cells.indptr).max() // 128) * 128
+    assert rounded["attention_mask"].sum() == inputs["attention_mask"].sum()
 
 
 def test_vocabulary_from_several_panels(pbmc3k):
@@ -140,3 +143,20 @@ def test_a_cell_without_vocabulary_genes_raises(processor):
 def test_mismatched_gene_names_raise(processor):
     with pytest.raises(ValueError, match="5 genes .* but 3 gene names"):
         processor(np.ones((2, 5)), gene_names=VOCABULARY[:3])
+
+
+def test_zero_cells_raise_clear_errors_in_the_processor_and_the_model(processor):
+    from modeling_scpalm import ScPaLMConfig, ScPaLMModel
+
+    with pytest.raises(ValueError, match="no cells"):
+        processor(np.zeros((0, 5)), gene_names=VOCABULARY)
+    model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=5, num_pathway_tokens=4, codebook_size=8))
+    empty = torch.zeros((0, 1), dtype=torch.long)
+    with pytest.raises(ValueError, match="no cells"):
+        model(gene_ids=empty, gene_values=empty.float())
+
+
+def test_an_input_covering_little_of_the_vocabulary_is_warned_about(pbmc3k, pbmc3k_processor):
+    narrow = pbmc3k[:20, :763].copy()  # 5.6% of the 13,714 vocabulary genes
+    with pytest.warns(UserWarning, match=r"covers 5\.6% of the model's vocabulary"):
+        ScPaLMProcessor.from_dict(pbmc3k_processor.to_dict())(narrow)
