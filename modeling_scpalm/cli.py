@@ -10,14 +10,17 @@ from .data_scpalm import ACCELERATOR_BATCH_SIZE
 
 
 def embed(argv=None):
+    from .pretraining import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="a saved model and processor: a pretraining run's model/ folder "
                         "(or the run folder itself)")
     parser.add_argument("--input", required=True, help=".h5ad with raw counts in X (or --layer)")
     parser.add_argument("--output", required=True, help="the .h5ad to write: the input plus obsm['X_scpalm']")
-    parser.add_argument("--layer", help="read the values from this layer instead of X ('raw': raw/X, where scanpy keeps "
-                        "the values a workflow started from)")
+    parser.add_argument("--layer", help="read the values from this layer instead of X")
+    parser.add_argument("--use_raw", action="store_true", help="read raw/X (adata.raw, where scanpy keeps the values a "
+                        "workflow started from) and its genes")
     parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
     parser.add_argument("--batch_size", type=int, help="cells per batch (default: a few MiB of gene vectors a batch on CPU, "
                         f"{ACCELERATOR_BATCH_SIZE} cells on a GPU)")
@@ -28,7 +31,12 @@ def embed(argv=None):
                         "CPU with bf16 matrix units (Intel AMX); h_C is within about 1%% of float32 for most cells")
     parser.add_argument("--compile", action="store_true", help="run the model under torch.compile (dynamic shapes; "
                         "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = parser.parse_args(argv)
+    if args.use_raw:
+        if args.layer:
+            parser.error("give --layer or --use_raw, not both")
+        args.layer = "raw"
     model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"  # a pretraining run's folder: its exported model
@@ -45,6 +53,8 @@ def embed(argv=None):
     from safetensors import SafetensorError
     from transformers import AutoModel
 
+    from transformers.utils import logging as transformers_logging
+
     from .inference import embed_h5ad, open_h5ad_matrix
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
 
@@ -58,6 +68,7 @@ def embed(argv=None):
         parser.error(str(error))
     if num_cells == 0:
         parser.error(f"{input_path} holds no cells: nothing to embed")
+    transformers_logging.disable_progress_bar()  # a bar for loading 73 tensors is noise
     try:
         model = AutoModel.from_pretrained(model_dir).to(args.device)
     except (SafetensorError, OSError) as error:  # a truncated or missing weights file
@@ -74,6 +85,8 @@ def embed(argv=None):
         embed_h5ad(model, processor, input_path, output_path, args.key, args.layer, args.is_normalized, args.batch_size,
                    autocast_dtype=autocast_dtype)
     except (ValueError, TypeError) as error:  # the data's values or genes: the processor's message says what to do
+        if args.debug:
+            raise
         parser.error(f"{input_path}: {error}")
     print(f"Wrote {num_cells:,} embeddings of size {model.config.hidden_size} to {output_path} (obsm['{args.key}'])")
 
@@ -85,9 +98,16 @@ def main(argv=None):
         print("usage: scpalm {pretrain,embed} ...\n" + "\n".join(f"  {name:10s}{text}" for name, text in commands.items()))
         raise SystemExit(2)
     if argv[0] == "pretrain":
+        from .pretraining import RunFolderInUse
         from .pretraining import main as pretrain
 
-        pretrain(argv[1:])
+        try:
+            pretrain(argv[1:])
+        except (ValueError, TypeError, FileNotFoundError, RunFolderInUse) as error:  # the data, paths or the run folder
+            if "--debug" in argv:
+                raise
+            print(f"scpalm pretrain: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
     else:
         embed(argv[1:])
 

@@ -1,12 +1,14 @@
 """From `.h5ad` files to one pretraining set over one gene vocabulary, stored as sharded Hugging Face `datasets`.
 
-Each file is read in backed mode, a chunk of cells at a time, so a corpus larger than memory is never loaded whole.
-A cell becomes its non-zero (vocabulary id, log-normalised value) pairs, the id of its file's gene panel (the
-vocabulary genes that file measured) and a `cell_index` that seeds its stage-2 views. Cells with no counts on the vocabulary's genes are dropped and counted. The
-panels are saved beside the data (`gene_panels.json`); `ScPaLMDataCollator` turns them back into per-cell masks.
+Each file is read from disk a chunk of cells at a time, so a corpus larger than memory is never loaded whole. A cell
+becomes its non-zero (vocabulary id, log-normalised value) pairs, the id of its file's gene panel (the vocabulary
+genes that file measured) and a `cell_index` that seeds its stage-2 views. Cells with no counts on the vocabulary's
+genes are dropped and counted. The panels are saved beside the data (`gene_panels.json`); `ScPaLMDataCollator` turns
+them back into per-cell masks.
 Data handling lives here, apart from the model files that ship to the Hub.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -66,8 +68,8 @@ def build_pretraining_dataset(
     Write `output_dir` (a `DatasetDict` with "train" and "eval" splits, plus `gene_panels.json` and the processor).
 
     Args:
-        train_files: `.h5ad` files with raw counts in `X` (or `layers[layer]`), genes as `var_names` and optionally
-            Ensembl IDs in `var["gene_ids"]`; their gene panels may differ.
+        train_files: `.h5ad` files with raw counts in `X` (or `layers[layer]`; `layer="raw"` reads `raw/X` and its
+            genes), genes as `var_names` and optionally Ensembl IDs in `var["gene_ids"]`; their gene panels may differ.
         processor: the vocabulary to map onto; by default one is built from the union of the files' genes.
         eval_fraction: share of cells (drawn at random with `seed`) held out for the evaluation loss.
 
@@ -87,16 +89,18 @@ def build_pretraining_dataset(
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction}.")
 
+    genes = [_file_genes(path, layer) for path in train_files]  # a missing layer or a broken file stops here
     if processor is None:
-        processor = ScPaLMProcessor.from_anndata([anndata.read_h5ad(path, backed="r") for path in train_files])
+        processor = ScPaLMProcessor.from_anndata([anndata.AnnData(var=var) for var in genes])
     # Built under a temporary name beside `output_dir` and renamed when complete: a build that is interrupted leaves
     # no half-written dataset at `output_dir` (only the hidden folder, removed by the next build).
     remove_stale_partials(output_dir)
     staging = partial_path(output_dir)
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        report = _write_dataset(train_files, staging, processor, eval_fraction, is_normalized, layer, chunk_size,
-                                max_shard_size, seed, progress)
+        with _datasets_bars_off():
+            report = _write_dataset(train_files, staging, processor, eval_fraction, is_normalized, layer, chunk_size,
+                                    max_shard_size, seed, progress)
         if output_dir.exists():
             output_dir.rmdir()  # empty, as checked above: the rename needs the name free
         os.replace(staging, output_dir)
@@ -150,6 +154,45 @@ def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normali
     return report
 
 
+def open_h5ad_matrix(file, layer: str | None = None):
+    """The cells x genes matrix of an open `.h5ad` (an `h5py.File`) without loading it, and its genes' `var` table:
+    `X`, `layers[layer]`, or `raw/X` for `layer="raw"`. A sparse matrix comes back as anndata's on-disk sparse
+    dataset, a dense one as the h5py dataset: both slice by rows."""
+    import h5py
+    from anndata.io import read_elem, sparse_dataset
+
+    if layer == "raw":
+        if "raw" not in file:
+            raise ValueError("`layer='raw'` (--use_raw) but the file has no `raw`: name a layer, or leave it out to read X.")
+        element, var = file["raw/X"], file["raw/var"]
+    elif layer is None:
+        element, var = file["X"], file["var"]
+    else:
+        layers = sorted(file["layers"]) if "layers" in file else []
+        if layer not in layers:
+            raise ValueError(
+                f"The file has no layer {layer!r}: its layers are {layers or 'none'}; 'raw' reads raw/X, and no layer "
+                "reads X."
+            )
+        element, var = file["layers"][layer], file["var"]
+    matrix = element if isinstance(element, h5py.Dataset) else sparse_dataset(element)
+    return matrix, read_elem(var)
+
+
+@contextlib.contextmanager
+def _datasets_bars_off():
+    """datasets' own bars (generating, splitting, saving) would only repeat ours, which counts the cells read."""
+    import datasets
+
+    were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
 def partial_path(path: Path) -> Path:
     """The temporary name beside `path` that this process writes it under before renaming it into place."""
     return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
@@ -188,38 +231,53 @@ class _BuildState:
 
 
 def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
-    """Yield each cell of the files as its non-zero (vocabulary id, value) pairs and its panel id."""
-    import anndata
+    """Yield each cell of the files as its non-zero (vocabulary id, value) pairs and its panel id, reading each file a
+    chunk of cells at a time from disk."""
+    import h5py
     from tqdm.auto import tqdm
 
     processor = build.processor
     for path, panel_id in zip(paths, panel_ids):
-        adata = anndata.read_h5ad(path, backed="r")
-        gene_ids = anndata_gene_ids(adata)
-        match = processor.match_genes(adata.var_names, gene_ids)
-        matched_columns = match.vocabulary_index >= 0
-        report = build.reports[panel_id] = FileReport(path, adata.n_obs, 0, match)
-        build.panels[panel_id] = np.unique(match.vocabulary_index[matched_columns]).tolist()
-        source = adata.layers[build.layer] if build.layer else adata.X
-        for start in tqdm(range(0, adata.n_obs, build.chunk_size), desc=Path(path).name, disable=not build.progress):
-            matrix = sp.csr_matrix(source[start : start + build.chunk_size])
-            keep = np.asarray(matrix[:, matched_columns].sum(axis=1)).ravel() > 0
-            report.num_dropped_cells += int((~keep).sum())
-            if not keep.any():
-                continue
-            try:
-                cells, _ = processor.transform(matrix[keep], adata.var_names, gene_ids, is_normalized=build.is_normalized)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"{path}: {error}") from None
-            for row in range(cells.shape[0]):
-                begin, end = cells.indptr[row], cells.indptr[row + 1]
-                yield {
-                    "gene_ids": cells.indices[begin:end].astype(np.int32),
-                    "gene_values": cells.data[begin:end],
-                    "panel": panel_id,
-                    "cell_index": build.num_cells,
-                }
-                build.num_cells += 1
+        with h5py.File(path, "r") as file:
+            source, var = open_h5ad_matrix(file, build.layer)
+            gene_names, gene_ids = list(var.index), anndata_gene_ids(var)
+            match = processor.match_genes(gene_names, gene_ids)
+            matched_columns = match.vocabulary_index >= 0
+            num_cells = source.shape[0]
+            report = build.reports[panel_id] = FileReport(path, num_cells, 0, match)
+            build.panels[panel_id] = np.unique(match.vocabulary_index[matched_columns]).tolist()
+            for start in tqdm(range(0, num_cells, build.chunk_size), desc=Path(path).name, disable=not build.progress):
+                matrix = sp.csr_matrix(source[start : start + build.chunk_size])
+                keep = np.asarray(matrix[:, matched_columns].sum(axis=1)).ravel() > 0
+                report.num_dropped_cells += int((~keep).sum())
+                if not keep.any():
+                    continue
+                try:
+                    cells, _ = processor.transform(matrix[keep], gene_names, gene_ids, is_normalized=build.is_normalized)
+                except (ValueError, TypeError) as error:
+                    raise type(error)(f"{path}: {error}") from None
+                for row in range(cells.shape[0]):
+                    begin, end = cells.indptr[row], cells.indptr[row + 1]
+                    yield {
+                        "gene_ids": cells.indices[begin:end].astype(np.int32),
+                        "gene_values": cells.data[begin:end],
+                        "panel": panel_id,
+                        "cell_index": build.num_cells,
+                    }
+                    build.num_cells += 1
+
+
+def _file_genes(path: Path, layer: str | None):
+    """The `var` table of the genes a file's `layer` holds (raw/var for 'raw'); read without the cells."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as file:
+            return open_h5ad_matrix(file, layer)[1]
+    except (OSError, KeyError) as error:  # h5py's messages for truncated or non-HDF5 files
+        raise ValueError(f"{path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_pretraining_dataset(dataset_dir: str | Path, streaming: bool = False, num_shards: int = 8):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_scpalm import INFERENCE_PAD_MULTIPLE, inference_batches
+from .data_scpalm import INFERENCE_PAD_MULTIPLE, inference_batches, open_h5ad_matrix
 
 # What `embed_anndata` can return per cell, from the model's output: h_C (the cell embedding), or what the ablations of
 # Tables 2 and 5 use instead (the pathway tokens averaged or concatenated, the encoder output before quantization), or
@@ -39,7 +39,7 @@ def expression_matrix(adata, layer: str | None = None):
         return adata.X
     if layer == "raw":
         if adata.raw is None:
-            raise ValueError("`layer='raw'` (--layer raw) but the AnnData has no `.raw`: name a layer, or leave it out to read X.")
+            raise ValueError("`layer='raw'` (--use_raw) but the AnnData has no `.raw`: name a layer, or leave it out to read X.")
         return adata.raw.X
     if layer not in adata.layers:
         raise ValueError(
@@ -130,31 +130,6 @@ def embed_anndata(model, processor, adata, batch_size: int | None = None, is_nor
     return result
 
 
-def open_h5ad_matrix(file, layer: str | None = None):
-    """The cells x genes matrix of an open `.h5ad` (an `h5py.File`) without loading it, and its genes' `var` table:
-    `X`, `layers[layer]`, or `raw/X` for `layer="raw"`. A sparse matrix comes back as anndata's on-disk sparse
-    dataset, a dense one as the h5py dataset: both slice by rows."""
-    import h5py
-    from anndata.io import read_elem, sparse_dataset
-
-    if layer == "raw":
-        if "raw" not in file:
-            raise ValueError("`layer='raw'` (--layer raw) but the file has no `raw`: name a layer, or leave it out to read X.")
-        element, var = file["raw/X"], file["raw/var"]
-    elif layer is None:
-        element, var = file["X"], file["var"]
-    else:
-        layers = sorted(file["layers"]) if "layers" in file else []
-        if layer not in layers:
-            raise ValueError(
-                f"The file has no layer {layer!r}: its layers are {layers or 'none'}; 'raw' reads raw/X, and no layer "
-                "reads X."
-            )
-        element, var = file["layers"][layer], file["var"]
-    matrix = element if isinstance(element, h5py.Dataset) else sparse_dataset(element)
-    return matrix, read_elem(var)
-
-
 def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm", layer: str | None = None,
                is_normalized: bool = False, batch_size: int | None = None, representation: str = "cell_embedding",
                autocast_dtype: torch.dtype | None = None, progress: bool = True, max_entries: int = CHUNK_ENTRIES) -> int:
@@ -200,5 +175,4 @@ def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm",
     return num_cells
 
 
-__all__ = ["REPRESENTATIONS", "embed_anndata", "embed_h5ad", "iter_embeddings", "expression_matrix", "open_h5ad_matrix",
-           "row_chunks"]
+__all__ = ["REPRESENTATIONS", "embed_anndata", "embed_h5ad", "iter_embeddings", "expression_matrix", "row_chunks"]

@@ -12,6 +12,7 @@ Where this departs from the paper, and the measurements behind each departure: d
 """
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -466,8 +467,19 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading puts in new parameters that require grad: freeze this head's fixed parts again.
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_frozen_modules()
+        model.freeze_frozen_modules()
+        if (model.config.architectures or [None])[0] == "ScPaLMForPathwayReconstruction" and not cls.__name__.startswith(
+            ("ScPaLMForPathwayReconstruction", "ScPaLMForCellPretraining")
+        ):
+            warnings.warn(
+                "This folder holds a stage-1 model (ScPaLMForPathwayReconstruction): its cell encoder was never "
+                "trained, so `cell_embedding` (h_C) carries nothing yet. Train stage 2 on it "
+                "(`ScPaLMForCellPretraining.from_pretrained(folder)`, or `scpalm pretrain --stage 2`), or read the "
+                "stage-1 representation (`embed_anndata(..., representation='encoder_mean')`).",
+                stacklevel=2,
+            )
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):

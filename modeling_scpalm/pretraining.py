@@ -50,7 +50,7 @@ def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size
     return max(steps_per_epoch, steps)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each option's default where it has one."""
 
     def _get_help_string(self, action):
@@ -60,11 +60,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scpalm pretrain", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="scpalm pretrain", description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
     data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
     data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
+    data.add_argument("--use_raw", action="store_true", help="take counts from raw/X (adata.raw) and its genes")
     data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
     data.add_argument("--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss")
     model = parser.add_argument_group("model")
@@ -103,7 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     hub.add_argument("--hub_private_repo", action="store_true", help="make the repository private")
     hub.add_argument("--dataset_name", action="append", help="a training dataset's name for the card (repeatable)")
     hub.add_argument("--license", default="apache-2.0", help="the model card's licence (mind your data's terms)")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = parser.parse_args(argv)
+    if args.use_raw:
+        if args.layer:
+            parser.error("give --layer or --use_raw, not both")
+        args.layer = "raw"
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
     if args.max_steps is not None and args.max_steps < 1:
@@ -145,6 +151,10 @@ def _run_contents(output_dir: Path) -> list[Path]:
     return [path for path in output_dir.iterdir() if path.name != LOCK_FILE and PARTIAL_MARK not in path.name]
 
 
+class RunFolderInUse(RuntimeError):
+    """Another run holds the lock on this run folder."""
+
+
 def _lock_run_folder(output_dir: Path, accelerator):
     """An exclusive lock on the run folder, held by the main process until the run ends (the system releases it when
     the process dies, however it dies): a second run pointed at the folder stops instead of writing into it."""
@@ -158,7 +168,7 @@ def _lock_run_folder(output_dir: Path, accelerator):
     try:
         return FileLock(output_dir / LOCK_FILE).acquire(timeout=0)  # released when the `with` block ends
     except Timeout:
-        raise RuntimeError(
+        raise RunFolderInUse(
             f"Another run is writing {output_dir} (it holds {output_dir / LOCK_FILE}): wait for it to end, or choose "
             "another --output_dir."
         ) from None
@@ -197,7 +207,6 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    accelerator.print(accelerator.state)
     output_dir = Path(args.output_dir)
     with _lock_run_folder(output_dir, accelerator):
         return _run(args, accelerator, output_dir)
@@ -430,6 +439,10 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         partial = stage_dir / f".{TRAINING_SUMMARY_FILE}.partial"
         partial.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(partial, stage_dir / TRAINING_SUMMARY_FILE)
+        held_out = (f"held-out loss {summary['eval_loss']:.4f} (reconstruction {summary['eval_reconstruction_loss']:.4f})"
+                    if eval_loader is not None else "no held-out cells")
+        accelerator.print(f"Stage {stage}: {completed_steps} steps, training loss {summary['train_loss']:.4f}, {held_out}; "
+                          f"saved to {stage_dir}")
     accelerator.wait_for_everyone()
     # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
     accelerator.free_memory()

@@ -68,6 +68,10 @@ class GeneMatch:
         return text
 
 
+PROCESSOR_AUTO_CLASSES = ("AutoFeatureExtractor", "AutoProcessor")
+MIN_VOCABULARY_COVERAGE = 0.3  # below this share of the vocabulary measured, the processor warns
+
+
 class ScPaLMProcessor(FeatureExtractionMixin):
     r"""
     Args:
@@ -156,12 +160,13 @@ class ScPaLMProcessor(FeatureExtractionMixin):
             logger.info(f"scPaLM processor: {match}")
             if match.num_matched_input_genes < 0.5 * match.num_input_genes:
                 warnings.warn(f"Only a few genes matched the vocabulary: {match}.", stacklevel=3)
-            elif match.num_measured_vocabulary_genes < 0.2 * self.num_genes:
+            elif match.num_measured_vocabulary_genes < MIN_VOCABULARY_COVERAGE * self.num_genes:
                 warnings.warn(
                     f"The input covers {match.num_measured_vocabulary_genes / self.num_genes:.1%} of the model's "
-                    f"vocabulary ({match}): each token pools only the genes measured, so a narrow panel (e.g. highly "
-                    "variable genes only) embeds differently from the cells the model learned on. Pass all measured "
-                    "genes (raw counts, e.g. `adata.raw`) where you have them.",
+                    f"vocabulary ({match}), under {MIN_VOCABULARY_COVERAGE:.0%}: each token pools only the genes "
+                    "measured, so these cells embed unlike the ones the model learned on. Likely causes: a subset of "
+                    "genes (highly variable genes only: pass all measured genes, e.g. `adata.raw` / --use_raw), another "
+                    "gene panel, or another species.",
                     stacklevel=3,
                 )
             self._last_match = (key, match)
@@ -271,6 +276,9 @@ class ScPaLMProcessor(FeatureExtractionMixin):
     def to_dict(self) -> dict:
         return {
             "feature_extractor_type": type(self).__name__,
+            # With processing_scpalm.py beside it (save_pretrained copies it), the folder loads without this package:
+            # `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
+            "auto_map": {auto_class: f"processing_scpalm.{type(self).__name__}" for auto_class in PROCESSOR_AUTO_CLASSES},
             "gene_names": self.gene_names,
             "gene_ids": self.gene_ids,
             "target_sum": self.target_sum,
@@ -322,5 +330,7 @@ def _check_nonempty(empty: np.ndarray, what: str, first_row: int = 0):
             "first, e.g. `sc.pp.filter_cells(adata, min_counts=1)` on the genes the model knows."
         )
 
+
+ScPaLMProcessor.register_for_auto_class("AutoFeatureExtractor")  # save_pretrained copies this file beside the config
 
 __all__ = ["ScPaLMProcessor", "GeneMatch", "anndata_gene_ids", "gene_key"]

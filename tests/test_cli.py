@@ -1,6 +1,7 @@
 """The `scpalm` command line: `embed` writes obsm['X_scpalm'] and keeps the rest; bad arguments stop early."""
 
 import inspect
+import os
 import shutil
 
 import numpy as np
@@ -98,6 +99,10 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
         (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "no" / "o.h5ad")], "is not a folder"),
         (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--layer", "spliced"],
          "no layer 'spliced': its layers are ['counts_copy']"),
+        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--use_raw"],
+         "has no `raw`"),
+        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--use_raw", "--layer", "x"],
+         "not both"),
     ]
     truncated = tmp_path / "truncated.h5ad"
     truncated.write_bytes(path.read_bytes()[:5000])
@@ -131,6 +136,15 @@ def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path, capsys
     error = capsys.readouterr().err
     assert "non-integer values" in error and "--is_normalized" in error and "Traceback" not in error
     assert not (tmp_path / "o.h5ad").exists()
+    arguments = ["pretrain", "--train_file", str(tmp_path / "normalised.h5ad"), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stopped:  # one line, exit code 2, no traceback
+        main(arguments)
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]  # after the build's progress bar
+    assert stopped.value.code == 2 and last.startswith("scpalm pretrain: error: ") and "Traceback" not in error
+    assert "normalised.h5ad" in last and "--is_normalized" in last
+    with pytest.raises(ValueError, match="non-integer values"):  # --debug: the traceback
+        main([*arguments, "--debug"])
 
 
 def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cells_file, pbmc3k_processor):
@@ -221,3 +235,27 @@ def test_embed_compiled_or_in_half_precision_stays_with_float32_eager(saved_mode
     for dtype in ("bfloat16", "float16"):
         error = np.linalg.norm(written[dtype] - written["eager"], axis=1) / np.linalg.norm(written["eager"], axis=1)
         assert np.median(error) < 0.02, (dtype, np.median(error))
+
+
+def test_embedding_needs_only_the_core_install(saved_model, cells_file, tmp_path):
+    """`pip install .` without extras: the train, analysis, peers and drug packages cannot be imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder, _ = saved_model
+    path, _ = cells_file
+    extras = ["accelerate", "datasets", "peft", "scanpy", "sklearn", "igraph", "leidenalg", "scvi", "magic", "rdkit"]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in {extras!r}:
+            sys.modules[name] = None  # not installed
+        from modeling_scpalm.cli import main
+        main(["embed", "--model", {str(folder)!r}, "--input", {str(path)!r}, "--output", {str(tmp_path / "out.h5ad")!r}])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out.h5ad").is_file()

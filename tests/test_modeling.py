@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
@@ -236,22 +237,31 @@ def test_auto_classes_load_a_saved_folder(tiny_config, inputs, tmp_path):
         assert (tmp_path / module).exists(), module
 
 
-def test_trust_remote_code_without_the_package(tiny_config, inputs, tmp_path):
-    """The Hub path: a process that cannot import `modeling_scpalm` loads the folder's own code."""
+def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
+    """The Hub path: a process that cannot import `modeling_scpalm` loads the folder's own code, the processor's too."""
+    from modeling_scpalm import ScPaLMProcessor
+
     model = ScPaLMForPathwayReconstruction(tiny_config)
+    processor = ScPaLMProcessor([f"GENE{index}" for index in range(tiny_config.num_genes)])
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    torch.save(dict(inputs), tmp_path / "inputs.pt")
-    expected = _outputs(model.scpalm, inputs).cell_embedding
+    processor.save_pretrained(folder)
+    counts = random_cells(6, 40, seed=3).round()
+    np.save(tmp_path / "counts.npy", counts)
+    with torch.no_grad():
+        expected = model.scpalm(**processor(counts, gene_names=[f"GENE{index}" for index in range(40)])).cell_embedding
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["modeling_scpalm"] = None  # the package is not installed here
-        import torch
-        from transformers import AutoModel
+        import numpy as np, torch
+        from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(AutoFeatureExtractor.from_pretrained({str(folder)!r}, trust_remote_code=True)) is type(processor)
+        for loaded in (model, processor):
+            assert type(loaded).__module__.startswith("transformers_modules"), type(loaded).__module__
+        inputs = processor(np.load({str(tmp_path / "counts.npy")!r}), gene_names=[f"GENE{{i}}" for i in range(40)])
         with torch.no_grad():
             torch.save(model(**inputs).cell_embedding, {str(tmp_path / "out.pt")!r})
         """
@@ -353,3 +363,15 @@ def test_compiled_model_computes_what_the_eager_model_does(tiny_config, inputs):
     for (name, parameter), compiled_parameter in zip(eager.named_parameters(), compiled.parameters()):
         if parameter.grad is not None:
             torch.testing.assert_close(compiled_parameter.grad, parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_loading_a_stage_one_folder_for_its_cell_embedding_warns(tiny_config, tmp_path):
+    import warnings
+
+    ScPaLMForPathwayReconstruction(tiny_config).save_pretrained(tmp_path / "stage_1")
+    with pytest.warns(UserWarning, match="stage-1 model .* cell encoder was never trained"):
+        ScPaLMModel.from_pretrained(tmp_path / "stage_1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stage 2 starts from it, as it should: no warning
+        ScPaLMForCellPretraining.from_pretrained(tmp_path / "stage_1").save_pretrained(tmp_path / "stage_2")
+        ScPaLMModel.from_pretrained(tmp_path / "stage_2")

@@ -256,6 +256,10 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
     with pytest.raises(SystemExit):
         parse_args(["--train_file", "a.h5ad", "--output_dir", str(tmp_path / "o"), "--init_from", str(tmp_path)])
     assert "stage_1" in capsys.readouterr().err
+    assert parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--use_raw"]).layer == "raw"
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--use_raw", "--layer", "counts"])
+    assert "not both" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not found"):
         main(["--train_file", str(tmp_path / "missing.h5ad"), "--output_dir", str(tmp_path / "new")])
 

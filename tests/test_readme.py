@@ -11,4 +11,5 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "(700, 64)"
-    assert (tmp_path / "scpalm-tiny" / "preprocessor_config.json").exists()
+    for name in ("preprocessor_config.json", "processing_scpalm.py", "modeling_scpalm.py"):  # loadable without the package
+        assert (tmp_path / "scpalm-tiny" / "model" / name).exists(), name
