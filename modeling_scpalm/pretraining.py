@@ -207,6 +207,8 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
+    backend = f", {accelerator.state.backend}" if accelerator.num_processes > 1 else ""
+    accelerator.print(f"Training on {accelerator.num_processes} process(es){backend}, {accelerator.device}")
     output_dir = Path(args.output_dir)
     with _lock_run_folder(output_dir, accelerator):
         return _run(args, accelerator, output_dir)
