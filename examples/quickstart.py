@@ -1,6 +1,7 @@
-"""scPaLM in a few minutes on a laptop: pretrain a tiny model, embed the cells, cluster them, compare with PCA.
+"""scPaLM in about a minute on a laptop: pretrain a tiny model, embed the cells, cluster them, compare with PCA.
 
     python examples/quickstart.py                       # writes outputs/quickstart/
+    python examples/quickstart.py --max_steps 60        # a first look in under half a minute
     python examples/quickstart.py --max_steps 600       # longer pretraining
 
 Data: scanpy's `pbmc68k_reduced` (700 PBMCs, 765 genes, log-normalised; ships with scanpy, no download), labelled
