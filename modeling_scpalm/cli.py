@@ -24,7 +24,7 @@ def embed(argv=None):
     parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
     parser.add_argument("--batch_size", type=int, help="cells per batch (default: a few MiB of gene vectors a batch on CPU, "
                         f"{ACCELERATOR_BATCH_SIZE} cells on a GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     parser.add_argument("--key", default="X_scpalm", help="the obsm key")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="autocast dtype: bfloat16 is the fast choice on a GPU and, from the small preset up, on a "
@@ -52,10 +52,10 @@ def embed(argv=None):
     import h5py
     from safetensors import SafetensorError
     from transformers import AutoModel
-
     from transformers.utils import logging as transformers_logging
 
-    from .inference import embed_h5ad, open_h5ad_matrix
+    from .data_scpalm import open_h5ad_matrix
+    from .inference import embed_h5ad
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
 
     try:

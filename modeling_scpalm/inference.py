@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_scpalm import INFERENCE_PAD_MULTIPLE, inference_batches, open_h5ad_matrix
+from .data_scpalm import (
+    INFERENCE_PAD_MULTIPLE,
+    inference_batches,
+    open_h5ad_matrix,
+    partial_path,
+    remove_stale_partials,
+)
 
 # What `embed_anndata` can return per cell, from the model's output: h_C (the cell embedding), or what the ablations of
 # Tables 2 and 5 use instead (the pathway tokens averaged or concatenated, the encoder output before quantization), or
@@ -141,14 +147,13 @@ def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm",
     """
     import h5py
 
-    from .data_scpalm import partial_path, remove_stale_partials
     from .processing_scpalm import anndata_gene_ids
 
     input_path, output_path = Path(input_path), Path(output_path)
     with h5py.File(input_path, "r") as source:
         matrix, var = open_h5ad_matrix(source, layer)
         gene_names, gene_ids = list(var.index), anndata_gene_ids(var)
-        # Checked on the first chunk before anything is written: a file of the wrong kind fails in seconds.
+        # Its first cells checked before anything is written: a file of the wrong kind fails in seconds.
         processor.transform(matrix[: min(matrix.shape[0], 64)], gene_names, gene_ids, is_normalized)
     remove_stale_partials(output_path)
     partial = partial_path(output_path)
