@@ -295,7 +295,8 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float)
     if (values < 0).any():
         raise ValueError(
             f"The expression matrix holds {int((values < 0).sum()):,} negative values: scPaLM needs raw counts "
-            "(or log1p-normalised values with is_normalized=True), not scaled or z-scored data."
+            "(or log1p-normalised values with is_normalized=True / --is_normalized), not scaled or z-scored data. If "
+            "the file should hold counts, it may be damaged: check it opens and sums as expected, or copy it again."
         )
     if not is_normalized and not np.array_equal(values, np.round(values)):
         raise ValueError(
