@@ -10,7 +10,7 @@ from .data_scpalm import ACCELERATOR_BATCH_SIZE
 
 
 def embed(argv=None):
-    from .pretraining import HelpFormatter
+    from .pretraining import HelpFormatter, resolve_layer
 
     parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].",
                                      formatter_class=HelpFormatter)
@@ -33,10 +33,7 @@ def embed(argv=None):
                         "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = parser.parse_args(argv)
-    if args.use_raw:
-        if args.layer:
-            parser.error("give --layer or --use_raw, not both")
-        args.layer = "raw"
+    resolve_layer(parser, args)
     model_dir, input_path, output_path = Path(args.model), Path(args.input), Path(args.output)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"  # a pretraining run's folder: its exported model

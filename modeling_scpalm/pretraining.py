@@ -106,10 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     hub.add_argument("--license", default="apache-2.0", help="the model card's licence (mind your data's terms)")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = parser.parse_args(argv)
-    if args.use_raw:
-        if args.layer:
-            parser.error("give --layer or --use_raw, not both")
-        args.layer = "raw"
+    resolve_layer(parser, args)
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
     if args.max_steps is not None and args.max_steps < 1:
@@ -140,6 +137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it, or push later")
         args.hub_model_id = args.hub_model_id or output_dir.resolve().name
     return args
+
+
+def resolve_layer(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """`--use_raw` is `--layer raw` (raw/X and its genes); both at once is an error."""
+    if args.use_raw:
+        if args.layer:
+            parser.error("give --layer or --use_raw, not both")
+        args.layer = "raw"
 
 
 def _run_contents(output_dir: Path) -> list[Path]:
