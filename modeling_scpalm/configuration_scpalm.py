@@ -75,10 +75,9 @@ class ScPaLMConfig(PreTrainedConfig):
         contrastive_refit_interval (`int`): T_r, training steps between k-means refits.
         contrastive_num_clusters (`int`): number of k-means pseudo-labels.
         contrastive_max_negatives (`int`): at most this many negatives (other pseudo-clusters) per anchor.
-        max_training_genes_per_cell (`int`): in pretraining, a cell with more expressed genes enters the embedding
-            through its `max_training_genes_per_cell` most expressed genes (the reconstruction target stays the whole
-            cell); 0 keeps them all. A deep cell's step then costs what a shallow one's does. Inference always reads
-            every gene.
+        max_genes_per_cell (`int`): a cell with more expressed genes enters the embedding through its
+            `max_genes_per_cell` most expressed genes, in training and at inference alike (the reconstruction target
+            stays the whole cell); 0 reads them all. A deep cell's step then costs what a shallow one's does.
         decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
             mean expressed value), so that the tokens and h_C need not encode it.
         cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token
@@ -120,7 +119,7 @@ class ScPaLMConfig(PreTrainedConfig):
     contrastive_refit_interval: int = 100
     contrastive_num_clusters: int = 16
     contrastive_max_negatives: int = 128
-    max_training_genes_per_cell: int = 1024
+    max_genes_per_cell: int = 1024
     decode_with_depth: bool = True
     cell_embedding_pooling: str = "mean"
 
@@ -166,7 +165,7 @@ class ScPaLMConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience",
-                     "max_training_genes_per_cell"):
+                     "max_genes_per_cell"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:

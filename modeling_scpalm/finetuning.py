@@ -1,4 +1,4 @@
-"""Fine-tune scPaLM's cell classifier on labelled cells with `Trainer` (as transformers' `run_mae.py`).
+r"""Fine-tune scPaLM's cell classifier on labelled cells with `Trainer` (as transformers' `run_mae.py`).
 
     python training/finetune.py --model_name_or_path runs/tiny/stage_2 --train_file cells.h5ad \
         --label_column cell_type --output_dir runs/classifier --tuning lora --num_train_epochs 3
@@ -8,12 +8,12 @@
 are computed on it with scikit-learn (no Hub metric).
 """
 
+import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 FINETUNING_DEFAULTS = {
     "learning_rate": 5e-4,
@@ -23,6 +23,16 @@ FINETUNING_DEFAULTS = {
     "warmup_steps": 0.05,
     "save_strategy": "no",
     "report_to": "none",
+}
+# The Trainer options most runs set, shown by `--help`; `--help_all` lists every TrainingArguments field.
+COMMON_TRAINING_OPTIONS = {
+    "output_dir": "where the classifier, its processor and the evaluation metrics are written (required)",
+    "learning_rate": "AdamW's peak learning rate",
+    "num_train_epochs": "passes over the training cells",
+    "per_device_train_batch_size": "cells per batch and device",
+    "seed": "the split, the classifier's initialisation and the batches (default: 42)",
+    "bf16": "bfloat16 mixed precision (GPUs, and CPUs with bf16 units)",
+    "train_sampling_strategy": "`group_by_length` batches cells of similar non-zero counts (less padding)",
 }
 
 
@@ -39,8 +49,8 @@ class DataArguments:
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "a pretrained scPaLM folder (model and processor)"})
     tuning: str = field(default="full", metadata={"help": "full, frozen (classifier only) or lora"})
-    lora_rank: int = field(default=8)
-    lora_alpha: int = field(default=16)
+    lora_rank: int = field(default=8, metadata={"help": "with --tuning lora: the adapters' rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "with --tuning lora: the adapters' scale numerator"})
 
 
 def classification_metrics(eval_prediction) -> dict[str, float]:
@@ -53,9 +63,31 @@ def classification_metrics(eval_prediction) -> dict[str, float]:
     return {"accuracy": accuracy_score(labels, predictions), "macro_f1": f1_score(labels, predictions, average="macro")}
 
 
-def main(argv=None):
+def short_help(prog: str) -> str:
+    """The script's own options and the common Trainer ones, without importing transformers."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every other transformers.TrainingArguments option is accepted too: "
+                                     "`--help_all` lists them all.")
+    for arguments in (ModelArguments, DataArguments):
+        group = parser.add_argument_group(arguments.__name__)
+        for item in fields(arguments):
+            default = "required" if item.default is MISSING else f"default: {item.default}"
+            group.add_argument(f"--{item.name}", help=f"{item.metadata.get('help', '')} ({default})".lstrip())
+    trainer = parser.add_argument_group("TrainingArguments (the common ones)")
+    for name, text in COMMON_TRAINING_OPTIONS.items():
+        default = f" (default: {FINETUNING_DEFAULTS[name]})" if name in FINETUNING_DEFAULTS else ""
+        trainer.add_argument(f"--{name}", help=f"{text}{default}")
+    return parser.format_help()
+
+
+def main(argv=None, prog: str = "training/finetune.py"):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(short_help(prog))
+        raise SystemExit(0)
     import anndata
     import datasets
+    import torch
     from sklearn.model_selection import train_test_split
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
@@ -63,7 +95,10 @@ def main(argv=None):
     from .modeling_scpalm import ScPaLMForCellClassification
     from .processing_scpalm import ScPaLMProcessor, anndata_gene_ids
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
+    if "--help_all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
     # Trainer's defaults (5e-5 for 3 epochs of 8 cells) suit a large language model's fine-tuning; a new classifier
     # over h_C needs a higher rate and more passes (docs/design.md has the measurement).
     parser.set_defaults(**FINETUNING_DEFAULTS)

@@ -525,12 +525,6 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             )
         return attention_mask.bool(), measured_gene_mask.bool()
 
-    def _training_genes(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
-        """The entries the embedding reads: in training, at most `max_training_genes_per_cell` of each cell's."""
-        if not self.training:
-            return gene_ids, gene_values, attention_mask
-        return subsample_expressed_genes(gene_ids, gene_values, attention_mask, self.config.max_training_genes_per_cell)
-
     def _dense_targets(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
         """(batch, num_genes) expression in vocabulary order from the sparse inputs."""
         values = (gene_values * attention_mask).float()
@@ -565,6 +559,11 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         measured_gene_mask: torch.Tensor,
         output_hidden_states: bool = False,
     ) -> ScPaLMPathwayOutput:
+        # A deep cell enters through its most expressed genes, in training and at inference alike: a model trained on
+        # them and applied to every gene embedded deep cells out of distribution (docs/design.md).
+        gene_ids, gene_values, attention_mask = top_expressed_genes(
+            gene_ids, gene_values, attention_mask, self.config.max_genes_per_cell, random_ties=self.training
+        )
         embedded = self.embeddings(gene_ids, gene_values, attention_mask, measured_gene_mask)
         encoded, hidden_states = self.encoder(embedded, output_hidden_states)
         quantized = self.quantizer(encoded) if self.quantizer is not None else None
@@ -639,7 +638,7 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         r"""Inputs as [`ScPaLMModel`]; the loss is always computed (the inputs are their own targets)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
-        pathway = self.scpalm.encode_pathways(*self._training_genes(gene_ids, gene_values, attention_mask), measured_gene_mask)
+        pathway = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask)
         # The decoder reads the encoder's output; the quantizer learns its codes beside it (commitment loss, codebook
         # side) and costs the representation nothing. Decoding the codes (the paper) lost cells: docs/design.md.
         depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
@@ -708,8 +707,7 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
         batch_size, device = gene_ids.shape[0], gene_ids.device
         with torch.no_grad():
-            genes = self._training_genes(gene_ids, gene_values, attention_mask)
-            tokens = self.scpalm.encode_pathways(*genes, measured_gene_mask).encoder_output
+            tokens = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask).encoder_output
         if kept_token_indices is None:
             kept_token_indices = self.sample_kept_token_indices(batch_size, device)
         hidden, _ = self.scpalm.cell_encoder(tokens, kept_token_indices)
@@ -808,19 +806,26 @@ def cell_depth(gene_values: torch.Tensor, attention_mask: torch.Tensor, measured
     return torch.stack([detected, mean_value], dim=-1)
 
 
-def subsample_expressed_genes(
-    gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor, max_genes: int
+def top_expressed_genes(
+    gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor, max_genes: int, random_ties: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each cell's `max_genes` most expressed entries (ties broken at random, with torch's generator), or all of them
-    when it has fewer."""
+    """Each cell's `max_genes` most expressed entries, or all of them when it has fewer. Ties (common at one or two
+    counts) are broken at random with torch's generator when `random_ties` (training sees every choice), else by
+    vocabulary order, so that a cell's embedding depends neither on the order of its genes nor on its batch."""
     if not max_genes or gene_ids.shape[1] <= max_genes:
         return gene_ids, gene_values, attention_mask
-    # The most expressed genes carry most of a cell's pooled signal; a uniform draw of them was too noisy a view of deep
-    # cells (docs/design.md). Near the cut, values are a few counts apart, steps far larger than the tie-break.
-    tie_break = torch.rand(gene_ids.shape, device=gene_ids.device) * 1e-3
-    priority = (gene_values.float().abs() + tie_break).masked_fill(~(attention_mask & (gene_values != 0)), -1.0)
-    chosen = priority.topk(max_genes, dim=1).indices.sort(dim=1).values
-    return gene_ids.gather(1, chosen), gene_values.gather(1, chosen), attention_mask.gather(1, chosen) & (priority.gather(1, chosen) >= 0)
+    expressed = attention_mask & (gene_values != 0)
+    if random_ties:
+        # Near the cut, values are a few counts apart, steps far larger than the tie-break.
+        priority = gene_values.float().abs() + torch.rand(gene_ids.shape, device=gene_ids.device) * 1e-3
+        chosen = priority.masked_fill(~expressed, -1.0).topk(max_genes, dim=1).indices
+    else:
+        # Exact and on any device: order by gene id, then stably by value, so equal values keep vocabulary order.
+        by_gene = gene_ids.masked_fill(~expressed, torch.iinfo(gene_ids.dtype).max).argsort(dim=1, stable=True)
+        priority = gene_values.float().abs().masked_fill(~expressed, -1.0).gather(1, by_gene)
+        chosen = by_gene.gather(1, priority.argsort(dim=1, descending=True, stable=True)[:, :max_genes])
+    chosen = chosen.sort(dim=1).values
+    return gene_ids.gather(1, chosen), gene_values.gather(1, chosen), attention_mask.gather(1, chosen) & expressed.gather(1, chosen)
 
 
 def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,10 @@
 """Pretrain scPaLM: stage 1 (pathway reconstruction), then stage 2 (cell aggregation) from the stage-1 weights.
 
-Runs on one CPU, several processes or several GPUs:
-
-    python training/pretrain.py --train_file a.h5ad --train_file b.h5ad --output_dir runs/tiny --preset tiny
-    accelerate launch training/pretrain.py ...                  # GPUs
-    accelerate launch --multi_gpu --num_processes 2 training/pretrain.py ...   # two CPU processes (gloo), or torchrun
-
-The h5ad files become a sharded on-disk dataset under `output_dir/dataset` (or pass `--dataset_dir` to reuse one).
-Each stage writes `output_dir/stage_<n>/` (model, processor, `log.jsonl`) and checkpoints under
-`output_dir/checkpoints/stage_<n>/step_<k>`; `--resume_from_checkpoint latest` continues a killed run exactly.
-The run ends by writing `output_dir/model`: the last stage's model and processor with a filled model card
-(README.md from `hub_cards/model_card.md`), which `--push_to_hub` uploads.
-
-`--init_from <an earlier run's output_dir>` adapts a pretrained model to new data without labels: both stages
-continue from that run's weights (and keep its gene vocabulary; genes outside it are dropped and reported).
+`main(argv)` is `scpalm pretrain` and `training/pretrain.py`; its arguments, and what the run folder holds, are
+described in `arguments.py` (`scpalm pretrain --help`). It runs on one CPU, several processes or several GPUs
+(under `accelerate launch` or torchrun).
 """
 
-import argparse
 import json
 import math
 import os
@@ -29,15 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arguments import DEFAULT_EPOCHS, DEFAULT_GENE_VALUES, DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS, parse_pretrain_args
+
 STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.partial` is one being written
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
-# The default length of each stage follows the data, as scvi-tools' default epochs do: many passes over a small
-# dataset, fewer over a large one, never less than one; and a step's cost grows with the cells' expressed genes, so
-# deep cells get fewer steps (a budget of gene values). docs/design.md gives the measured step times.
-DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS = 20, 200, 600
-DEFAULT_GENE_VALUES = 28_000_000
 
 
 def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size: int, mean_genes_per_cell: float) -> int:
@@ -50,104 +35,7 @@ def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size
     return max(steps_per_epoch, steps)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and each option's default where it has one."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS) or action.default is False or action.default == [] or "default" in action.help:
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)".strip()
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scpalm pretrain", description=__doc__, formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
-    data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
-    data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
-    data.add_argument("--use_raw", action="store_true", help="take counts from raw/X (adata.raw) and its genes")
-    data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
-    data.add_argument("--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss")
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", default="tiny", help="tiny, small or paper")
-    model.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to train")
-    model.add_argument("--stage_one_model", help="with --stage 2: the stage-1 folder to start from")
-    model.add_argument("--config_overrides", help="config fields to change, e.g. 'use_quantizer=false,pathway_encoder_num_hidden_layers=0'"
-                       " (applied to every stage's config: the ablations of Tables 2, 3, 5 and 6)")
-    model.add_argument("--init_from", help="an earlier run's output_dir: continue from its weights and vocabulary "
-                       "(self-supervised adaptation to the new files; --preset is then ignored)")
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True, help="the run folder: dataset, stages, checkpoints, model")
-    training.add_argument("--per_device_batch_size", type=int, default=64, help="cells per batch and process")
-    training.add_argument("--learning_rate", type=float, help="default: 2e-3 in both stages (docs/design.md)")
-    training.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's")
-    training.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps the learning rate warms up over")
-    training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
-    training.add_argument("--num_epochs", type=float, help="epochs per stage (default: by data size, "
-                          f"{DEFAULT_EPOCHS:g} epochs within {DEFAULT_MIN_STEPS}-{DEFAULT_MAX_STEPS} steps and "
-                          f"{DEFAULT_GENE_VALUES:,} expressed genes seen, at least one epoch)")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
-    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
-    training.add_argument("--eval_steps", type=int, default=500, help="steps between evaluations of the held-out loss")
-    training.add_argument("--checkpointing_steps", type=int, default=500, help="steps between checkpoints")
-    training.add_argument("--logging_steps", type=int, default=10, help="steps between log records")
-    training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
-    training.add_argument("--num_workers", type=int, default=0, help="data loader processes")
-    training.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
-                          help="batch cells of similar non-zero counts together (less padding; on by default)")
-    training.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, the batches and the views")
-    hub = parser.add_argument_group("sharing (the run ends by writing output_dir/model: model, processor, model card)")
-    hub.add_argument("--push_to_hub", action="store_true", help="upload output_dir/model to the Hub at the end")
-    hub.add_argument("--hub_model_id", help="the Hub repository, 'user/name' (default: the output folder's name)")
-    hub.add_argument("--hub_token", help="default: the token `hf auth login` saved, or $HF_TOKEN")
-    hub.add_argument("--hub_private_repo", action="store_true", help="make the repository private")
-    hub.add_argument("--dataset_name", action="append", help="a training dataset's name for the card (repeatable)")
-    hub.add_argument("--license", default="apache-2.0", help="the model card's licence (mind your data's terms)")
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
-    args = parser.parse_args(argv)
-    resolve_layer(parser, args)
-    if bool(args.train_file) == bool(args.dataset_dir):
-        parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
-    if args.learning_rate is not None and args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.num_epochs is not None and args.num_epochs <= 0:
-        parser.error(f"--num_epochs must be positive, got {args.num_epochs}")
-    if args.stage == "2" and not args.stage_one_model:
-        parser.error("--stage 2 needs --stage_one_model, the folder stage 1 wrote")
-    if args.config_overrides:
-        _check_config_overrides(parser, args.preset, args.config_overrides)
-    if args.init_from:
-        missing = [f"{args.init_from}/{stage}" for stage in ("stage_1", "stage_2")
-                   if not (Path(args.init_from) / stage / "config.json").is_file()]
-        if missing:
-            parser.error(f"--init_from needs a finished run's output_dir; missing {', '.join(missing)}")
-        if args.stage_one_model or args.dataset_dir:
-            parser.error("--init_from takes the vocabulary and weights from that run: drop --stage_one_model/--dataset_dir")
-    output_dir = Path(args.output_dir)
-    if _run_contents(output_dir) and not args.resume_from_checkpoint:
-        parser.error(f"{output_dir} exists and is not empty: choose a new --output_dir, or --resume_from_checkpoint")
-    if args.push_to_hub:
-        from huggingface_hub import constants
-
-        # Found out now, not after hours of training.
-        if constants.HF_HUB_OFFLINE:
-            parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it, or push later")
-        args.hub_model_id = args.hub_model_id or output_dir.resolve().name
-    return args
-
-
-def resolve_layer(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """`--use_raw` is `--layer raw` (raw/X and its genes); both at once is an error."""
-    if args.use_raw:
-        if args.layer:
-            parser.error("give --layer or --use_raw, not both")
-        args.layer = "raw"
-
-
-def _run_contents(output_dir: Path) -> list[Path]:
+def run_folder_contents(output_dir: Path) -> list[Path]:
     """What a run folder holds, less the lock and what an interrupted dataset build left (the next build removes it)."""
     from .data_scpalm import PARTIAL_MARK
 
@@ -179,28 +67,17 @@ def _lock_run_folder(output_dir: Path, accelerator):
         ) from None
 
 
-def _check_config_overrides(parser: argparse.ArgumentParser, preset: str, overrides: str):
-    """Overrides are checked on the preset before any work: a wrong one must not cost a dataset build first."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    from .configuration_scpalm import ScPaLMConfig
-
-    keys = [item.split("=", 1)[0].strip() for item in overrides.split(",")]
-    if "num_genes" in keys:
-        parser.error("--config_overrides cannot set num_genes: the vocabulary of the data (or of --init_from) sets it")
-    try:
-        config = ScPaLMConfig.from_preset(preset)
-        config.update_from_string(overrides)
-        config.validate()
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        parser.error(f"--config_overrides {overrides!r}: {error.__cause__ or error}")
+def main(argv=None) -> Path:
+    """`scpalm pretrain`: both stages (or one) on the files or dataset the arguments name; returns the model folder."""
+    return pretrain(parse_pretrain_args(argv))
 
 
-def main(argv=None):
+def pretrain(args) -> Path:
+    """Pretraining with arguments parsed by `parse_pretrain_args`."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
+    from transformers.utils import logging as transformers_logging
 
-    args = parse_args(argv)
     # Launched as several processes without CUDA, accelerate treats each process as alone unless asked for CPU
     # mode (then it joins them with gloo): ask, so `accelerate launch --multi_gpu` and torchrun just work on CPUs.
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -214,9 +91,17 @@ def main(argv=None):
     set_seed(args.seed)
     backend = f", {accelerator.state.backend}" if accelerator.num_processes > 1 else ""
     accelerator.print(f"Training on {accelerator.num_processes} process(es){backend}, {accelerator.device}")
+    if args.verbose:
+        accelerator.print(accelerator.state)
     output_dir = Path(args.output_dir)
-    with _lock_run_folder(output_dir, accelerator):
-        return _run(args, accelerator, output_dir)
+    verbosity = transformers_logging.get_verbosity()
+    if args.verbose:
+        transformers_logging.set_verbosity_info()
+    try:
+        with _lock_run_folder(output_dir, accelerator):
+            return _run(args, accelerator, output_dir)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _run(args, accelerator, output_dir: Path) -> Path:
@@ -261,10 +146,11 @@ def _run(args, accelerator, output_dir: Path) -> Path:
     return model_dir
 
 
-def _cell_model_from_stage_one(stage_one_dir, config):
+def _cell_model_from_stage_one(stage_one_dir, config, verbose: bool = False):
     """
     Stage 2's model on stage 1's weights. Its heads (cell decoder, mask token, contrastive head) are new by design,
-    so transformers' missing-weights report, a warning listing each, is silenced; anything else missing is an error.
+    so transformers' missing-weights report, a warning listing each, is silenced unless `verbose`; anything else
+    missing is an error.
     """
     from transformers.utils import logging as transformers_logging
 
@@ -273,7 +159,8 @@ def _cell_model_from_stage_one(stage_one_dir, config):
     # Through the library's verbosity: an explicit level on `transformers.modeling_utils` makes transformers 5 list
     # every layer as "not sharded" by tensor parallelism.
     verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
+    if not verbose:
+        transformers_logging.set_verbosity_error()
     try:
         model, loading_info = ScPaLMForCellPretraining.from_pretrained(stage_one_dir, config=config, output_loading_info=True)
     finally:
@@ -319,7 +206,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     if source_dir is None:
         model = model_class(config)
     elif stage == 2 and init_dir is None:
-        model = _cell_model_from_stage_one(stage_one_dir, config)
+        model = _cell_model_from_stage_one(stage_one_dir, config, args.verbose)
     else:
         model = model_class.from_pretrained(source_dir, config=config)
     if stage == 2 and init_dir:
@@ -347,7 +234,7 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     max_steps = args.max_steps if args.max_steps is not None else default_max_steps(
-        steps_per_epoch, args.num_epochs, total_batch_size, _genes_read_per_cell(lengths, config.max_training_genes_per_cell))
+        steps_per_epoch, args.num_epochs, total_batch_size, _genes_read_per_cell(lengths, config.max_genes_per_cell))
     decay, no_decay = [], []
     for parameter in (p for p in model.parameters() if p.requires_grad):
         (decay if parameter.dim() > 1 else no_decay).append(parameter)

@@ -18,7 +18,7 @@ def benchmarks_importable(monkeypatch):
 @pytest.mark.parametrize(
     "script, options",
     [("inference", []), ("vocabulary", []), ("training", ["--dtype", "float32", "bfloat16"]), ("data_pipeline", []),
-     ("probe", []), ("batching", ["--dtype", "float32", "bfloat16"]),
+     ("probe", []), ("batching", ["--dtype", "float32", "bfloat16"]), ("cli_startup", []),
      pytest.param("embed_memory", [], marks=pytest.mark.slow),
      pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
      pytest.param("training", ["--compile"], marks=pytest.mark.slow)],

@@ -259,3 +259,39 @@ def test_embedding_needs_only_the_core_install(saved_model, cells_file, tmp_path
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.h5ad").is_file()
+
+
+def test_the_command_line_loads_no_heavy_library_before_its_arguments_are_known(tmp_path):
+    """`--help` and argument errors answer without torch or transformers (the package and the CLI load lazily)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from modeling_scpalm.cli import main\n"
+        "for command in (['--help'], ['pretrain', '--help'], ['embed', '--help'], ['finetune', '--help'],\n"
+        f"                ['embed', '--model', {str(tmp_path)!r}, '--input', 'x', '--output', 'y']):\n"
+        "    try:\n"
+        "        main(command)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted({'torch', 'transformers', 'anndata', 'scanpy'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage: scpalm {pretrain,embed,finetune}" in result.stdout and "usage: scpalm finetune" in result.stdout
+    assert "not a saved scPaLM model" in result.stderr
+
+
+def test_help_is_short_and_every_command_is_listed(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(f"  {command} " in printed for command in ("pretrain", "embed", "finetune"))
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--help"])
+    printed = capsys.readouterr().out
+    assert stop.value.code == 0 and printed.count("\n") < 80
+    assert "--help_all" in printed and "--learning_rate" in printed and "(default: 0.0005)" in printed

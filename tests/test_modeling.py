@@ -21,7 +21,7 @@ from modeling_scpalm import (
     ScPaLMForPathwayReconstruction,
     ScPaLMModel,
 )
-from modeling_scpalm.modeling_scpalm import ScPaLMLayer, cell_depth
+from modeling_scpalm.modeling_scpalm import ScPaLMLayer, cell_depth, top_expressed_genes
 
 from .conftest import random_cells, sparse_inputs
 
@@ -197,27 +197,39 @@ def test_save_and_reload_give_identical_outputs(tiny_config, inputs, tmp_path):
     torch.testing.assert_close(_outputs(reloaded, inputs).reconstruction, _outputs(model, inputs).reconstruction)
 
 
-def test_pretraining_reads_a_capped_share_of_deep_cells_but_reconstructs_them_whole(tiny_config, inputs):
-    """Training steps read a cell's `max_training_genes_per_cell` most expressed genes; the loss still covers every
-    gene, and inference reads them all."""
-    tiny_config.max_training_genes_per_cell = 3
+def test_deep_cells_enter_through_their_most_expressed_genes_but_are_reconstructed_whole(tiny_config, inputs):
+    """Training and inference read a cell's `max_genes_per_cell` most expressed genes (a model trained on them must
+    not embed every gene); the loss still covers every gene."""
+    tiny_config.max_genes_per_cell = 3
     model = ScPaLMForPathwayReconstruction(tiny_config).train()
     read = []
-    original = model.scpalm.encode_pathways
-    model.scpalm.encode_pathways = lambda *args, **kwargs: read.append(args) or original(*args, **kwargs)
+    original = model.scpalm.embeddings.forward
+    model.scpalm.embeddings.forward = lambda *args, **kwargs: read.append(args) or original(*args, **kwargs)
     output = model(**inputs)
-    gene_ids, gene_values, attention_mask, _ = read[0]
-    assert gene_ids.shape[1] == 3 and attention_mask.all() and (gene_values != 0).all()
-    for cell in range(BATCH):
-        real = inputs["attention_mask"][cell]
-        values, ids = inputs["gene_values"][cell][real], inputs["gene_ids"][cell][real]
-        assert set(gene_ids[cell].tolist()) == set(ids[values.topk(3).indices].tolist())
+    model.eval()(**inputs)
+    for gene_ids, gene_values, attention_mask, _ in read:
+        assert gene_ids.shape[1] == 3 and attention_mask.all() and (gene_values != 0).all()
+        for cell in range(BATCH):
+            real = inputs["attention_mask"][cell]
+            values, ids = inputs["gene_values"][cell][real], inputs["gene_ids"][cell][real]
+            assert set(gene_ids[cell].tolist()) == set(ids[values.topk(3).indices].tolist())
     targets = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
     torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
-    model.eval()(**inputs)
-    assert read[1][0].shape == inputs["gene_ids"].shape
+
+
+def test_inference_breaks_ties_at_the_cut_by_vocabulary_order_not_by_input_order():
+    gene_ids = torch.tensor([[9, 4, 7, 2, 5]])
+    gene_values = torch.tensor([[1.0, 3.0, 1.0, 1.0, 0.0]])
+    mask = torch.ones_like(gene_ids, dtype=torch.bool)
+    chosen = [
+        set(top_expressed_genes(gene_ids[:, order], gene_values[:, order], mask, 3, random_ties=False)[0][0].tolist())
+        for order in (torch.arange(5), torch.tensor([3, 0, 4, 2, 1]), torch.tensor([2, 4, 1, 3, 0]))
+    ]
+    assert chosen == [{4, 2, 7}] * 3  # 3.0, then the two lowest ids of the 1.0s; the zero never
+    drawn = {frozenset(top_expressed_genes(gene_ids, gene_values, mask, 2, random_ties=True)[0][0].tolist()) for _ in range(50)}
+    assert drawn == {frozenset({4, 9}), frozenset({4, 7}), frozenset({4, 2})}
 
 
 def test_auto_classes_load_a_saved_folder(tiny_config, inputs, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_scpalm.pretraining import main, parse_args
+from modeling_scpalm.arguments import parse_pretrain_args as parse_args
+from modeling_scpalm.pretraining import main
 
 from .conftest import data_file
 
