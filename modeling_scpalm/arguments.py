@@ -174,6 +174,28 @@ def parse_embed_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Names
     return parser, args
 
 
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scpalm evaluate", formatter_class=HelpFormatter,
+        description="Score cell embeddings with scib-metrics (bio conservation; with --batch_key, batch correction and "
+        "the scIB total, 0.6 bio + 0.4 batch) and the paper's Leiden-1.0 ARI / NMI. Writes scib_results.csv, .md and "
+        "scib-metrics' figure (.svg) to --output_dir. Needs the `evaluate` extra.",
+    )
+    parser.add_argument("--input", required=True, help="an .h5ad holding the embeddings in obsm (e.g. `scpalm embed`'s output)")
+    parser.add_argument("--label_key", required=True, help="the obs column of cell types")
+    parser.add_argument("--batch_key", help="the obs column of batches: adds the batch-correction metrics")
+    parser.add_argument("--obsm", nargs="+", default=["X_scpalm"], help="the embeddings to score (obsm keys)")
+    parser.add_argument("--unintegrated_obsm", help="with --batch_key: the embedding batch correction is measured "
+                        "against (default: X_pca when the file has it, else a PCA of the log-normalised X)")
+    parser.add_argument("--is_normalized", action="store_true", help="X holds log1p(normalised counts), not counts "
+                        "(for the default unintegrated PCA)")
+    parser.add_argument("--output_dir", required=True, help="where the table and the figure are written")
+    parser.add_argument("--n_jobs", type=int, default=1, help="processes for the neighbour search")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the PCA and the Leiden clustering")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    return parser
+
+
 def resolve_layer(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """`--use_raw` is `--layer raw` (raw/X and its genes); both at once is an error."""
     if args.use_raw:

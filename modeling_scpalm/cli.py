@@ -1,10 +1,10 @@
 """The `scpalm` command: `scpalm pretrain` (as training/pretrain.py), `scpalm embed`, `scpalm finetune` (as
-training/finetune.py)."""
+training/finetune.py) and `scpalm evaluate`."""
 
 import sys
 from pathlib import Path
 
-from .arguments import parse_embed_args, parse_pretrain_args
+from .arguments import evaluate_parser, parse_embed_args, parse_pretrain_args
 
 
 def embed(argv=None):
@@ -55,10 +55,36 @@ def embed(argv=None):
     print(f"Wrote {num_cells:,} embeddings of size {model.config.hidden_size} to {output_path} (obsm['{args.key}'])")
 
 
+def evaluate(argv=None):
+    parser = evaluate_parser()
+    args = parser.parse_args(argv)
+    if not Path(args.input).is_file():
+        parser.error(f"{args.input}: no such file")
+    try:
+        import scib_metrics  # noqa: F401
+    except ImportError:
+        parser.error("scib-metrics is not installed: pip install 'scpalm[evaluate]'")
+    import anndata
+
+    from .evaluation import RESULTS_NAME, evaluate_embeddings
+
+    adata = anndata.read_h5ad(args.input)
+    try:
+        table = evaluate_embeddings(adata, args.label_key, args.obsm, args.batch_key, args.unintegrated_obsm,
+                                    args.is_normalized, args.output_dir, args.n_jobs, args.seed)
+    except ValueError as error:  # a key the file lacks, or labels missing: the message names it
+        if args.debug:
+            raise
+        parser.error(f"{args.input}: {error}")
+    print(table.T.round(3).to_string())
+    print(f"Wrote {Path(args.output_dir) / RESULTS_NAME}.csv, .md and .svg")
+
+
 COMMANDS = {
     "pretrain": "pretrain scPaLM on .h5ad files of raw counts (both stages)",
     "embed": "write a model's cell embeddings into an .h5ad",
     "finetune": "fine-tune a cell-type classifier on labelled cells",
+    "evaluate": "score embeddings with scib-metrics and Leiden-1.0 ARI/NMI",
 }
 
 
@@ -82,6 +108,8 @@ def main(argv=None):
             raise SystemExit(2) from None
     elif command == "embed":
         embed(argv)
+    elif command == "evaluate":
+        evaluate(argv)
     else:
         from .finetuning import main as finetune
 

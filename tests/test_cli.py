@@ -270,6 +270,7 @@ def test_the_command_line_loads_no_heavy_library_before_its_arguments_are_known(
         "import sys\n"
         "from modeling_scpalm.cli import main\n"
         "for command in (['--help'], ['pretrain', '--help'], ['embed', '--help'], ['finetune', '--help'],\n"
+        "                ['evaluate', '--help'],\n"
         f"                ['embed', '--model', {str(tmp_path)!r}, '--input', 'x', '--output', 'y']):\n"
         "    try:\n"
         "        main(command)\n"
@@ -280,7 +281,7 @@ def test_the_command_line_loads_no_heavy_library_before_its_arguments_are_known(
     )
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "usage: scpalm {pretrain,embed,finetune}" in result.stdout and "usage: scpalm finetune" in result.stdout
+    assert "usage: scpalm {pretrain,embed,finetune,evaluate}" in result.stdout and "usage: scpalm finetune" in result.stdout
     assert "not a saved scPaLM model" in result.stderr
 
 
@@ -289,7 +290,7 @@ def test_help_is_short_and_every_command_is_listed(capsys):
         main(["--help"])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
-    assert all(f"  {command} " in printed for command in ("pretrain", "embed", "finetune"))
+    assert all(f"  {command} " in printed for command in ("pretrain", "embed", "finetune", "evaluate"))
     with pytest.raises(SystemExit) as stop:
         main(["finetune", "--help"])
     printed = capsys.readouterr().out
