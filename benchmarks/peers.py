@@ -1,10 +1,11 @@
 """The peers of the downstream benchmark, each run as its users run it, on the same cells as scPaLM.
 
 Cell representations: PCA of the log-normalised values (all genes, as the paper: 256 components; also 50) and scVI
-(scvi-tools, on its usual 2,000 highly variable genes of the raw counts), and an MLP autoencoder trained for a given
-time. Imputation: MAGIC (magic-impute) and a
-kNN-smoothing baseline (each hidden value predicted by the mean of the cell's nearest neighbours in PCA space), both
-fitted on the masked cells alone. scVI and MAGIC are the `peers` extra; without it their rows say how to get them.
+(scvi-tools, on its usual 2,000 highly variable genes of the raw counts; batch-aware when given a batch column),
+Harmony's correction of a PCA (harmonypy), and an MLP autoencoder trained for a given time. Imputation: MAGIC
+(magic-impute) and a kNN-smoothing baseline (each hidden value predicted by the mean of the cell's nearest neighbours
+in PCA space), both fitted on the masked cells alone. scVI, Harmony and MAGIC are the `peers` extra; without it their
+rows say how to get them.
 """
 
 import time
@@ -38,8 +39,10 @@ def pca(log_normalized, num_components: int, seed: int = 0) -> np.ndarray:
     return sc.pp.pca(sp.csr_matrix(log_normalized), n_comps=num_components, random_state=seed)
 
 
-def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int = 2000) -> np.ndarray:
-    """scVI's latent means (10 dimensions) of the cells, trained on their highly variable genes' raw counts."""
+def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int = 2000,
+                batch_key: str | None = None) -> np.ndarray:
+    """scVI's latent means (10 dimensions) of the cells, trained on their highly variable genes' raw counts; with
+    `batch_key`, conditioned on the batches (`obs[batch_key]`) and the genes chosen within each."""
     try:
         import scvi
     except ImportError as error:
@@ -50,11 +53,13 @@ def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     if adata.n_vars > num_top_genes:
         try:
-            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True)
+            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True,
+                                        batch_key=batch_key)
         except ValueError:  # the loess fit can be singular on a few hundred cells: smooth over all of them
-            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, span=1.0)
+            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, span=1.0,
+                                        batch_key=batch_key)
     scvi.settings.seed = seed
-    scvi.model.SCVI.setup_anndata(adata)
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
     model = scvi.model.SCVI(adata)
     model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, logger=False,
                 enable_checkpointing=False)
@@ -92,6 +97,21 @@ def mlp_autoencoder(log_normalized, seconds: float, seed: int = 0, num_top_genes
         step += 1
     with torch.no_grad():
         return encoder(values).numpy()
+
+
+def harmony(representation: np.ndarray, batches, seed: int = 0) -> np.ndarray:
+    """Harmony's correction (harmonypy, default settings) of a representation, usually a PCA, for the batches."""
+    try:
+        import harmonypy
+    except ImportError as error:
+        raise PeerUnavailable(f"harmonypy is not installed ({PEERS_EXTRA})") from error
+    import pandas as pd
+
+    meta = pd.DataFrame({"batch": np.asarray(batches).astype(str)})
+    result = harmonypy.run_harmony(np.asarray(representation, dtype=np.float64), meta, ["batch"], random_state=seed,
+                                   verbose=False)
+    corrected = np.asarray(result.Z_corr)
+    return corrected.T if corrected.shape[0] != len(meta) else corrected
 
 
 def magic_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import data_file
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -107,6 +109,24 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     assert len(rerun) == len(rows) and [row["train_seconds"] for row in rerun if "train_seconds" in row] == [
         row["train_seconds"] for row in kept if "train_seconds" in row
     ]
+
+
+@pytest.mark.slow
+def test_integration_benchmark_writes_the_scib_table_of_every_representation(tmp_path):
+    import json
+
+    pytest.importorskip("scib_metrics")
+    from integration import REPRESENTATIONS, main
+
+    data_file("scrna/mixology_sc_dropseq.h5ad")  # skips without the shared data
+    output = tmp_path / "integration"
+    main(["--output_dir", str(output), "--quick", "--datasets", "mixology_protocols"])
+    table = json.loads((output / "results.json").read_text())["tables"]["mixology_protocols"]
+    assert set(table) == set(REPRESENTATIONS)
+    for scores in table.values():
+        assert scores["Total"] == pytest.approx(0.6 * scores["Bio conservation"] + 0.4 * scores["Batch correction"])
+    assert (output / "mixology_protocols" / "scib_results.svg").is_file()
+    assert "## mixology_protocols (batch: `protocol`)" in (output / "report.md").read_text()
 
 
 def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
