@@ -60,10 +60,7 @@ def evaluate(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.input).is_file():
         parser.error(f"{args.input}: no such file")
-    try:
-        import scib_metrics  # noqa: F401
-    except ImportError:
-        parser.error("scib-metrics is not installed: pip install 'scpalm[evaluate]'")
+    require_extra("evaluate", ["scib_metrics", "scanpy"], "evaluate")
     import anndata
 
     from .evaluation import RESULTS_NAME, evaluate_embeddings
@@ -78,6 +75,17 @@ def evaluate(argv=None):
         parser.error(f"{args.input}: {error}")
     print(table.T.round(3).to_string())
     print(f"Wrote {Path(args.output_dir) / RESULTS_NAME}.csv, .md and .svg")
+
+
+def require_extra(command: str, modules: list[str], extra: str):
+    """One line naming the extra to install, rather than an import error halfway through the command."""
+    import importlib.util
+
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"scpalm {command}: error: needs {', '.join(missing)} (not installed): pip install 'scpalm[{extra}]'",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 COMMANDS = {
@@ -97,6 +105,7 @@ def main(argv=None):
     command, argv = argv[0], argv[1:]
     if command == "pretrain":
         args = parse_pretrain_args(argv)
+        require_extra("pretrain", ["accelerate", "datasets"], "train")
         from .pretraining import RunFolderInUse, pretrain
 
         try:
@@ -111,6 +120,8 @@ def main(argv=None):
     elif command == "evaluate":
         evaluate(argv)
     else:
+        if not {"-h", "--help", "--help_all"} & set(argv):
+            require_extra("finetune", ["accelerate", "datasets", "sklearn"], "train,analysis")
         from .finetuning import main as finetune
 
         finetune(argv, prog="scpalm finetune")

@@ -296,3 +296,20 @@ def test_help_is_short_and_every_command_is_listed(capsys):
     printed = capsys.readouterr().out
     assert stop.value.code == 0 and printed.count("\n") < 80
     assert "--help_all" in printed and "--learning_rate" in printed and "(default: 0.0005)" in printed
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "for name in ('accelerate', 'datasets', 'scib_metrics'):\n"
+        "    sys.modules[name] = None  # not installed\n"
+        "from modeling_scpalm.cli import main\n"
+        f"main(['pretrain', '--train_file', 'cells.h5ad', '--output_dir', {str(tmp_path / 'run')!r}])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("scpalm pretrain: error: needs accelerate, datasets (not installed): "
+                                     "pip install 'scpalm[train]'")
