@@ -147,6 +147,8 @@ def other_datasets(group: str, args) -> list[Path]:
             cells.obs = cells.obs[[]]
             cells.write_h5ad(path)
         files.append(path)
+        if args.quick:  # one dataset is enough to check the path
+            break
     return files
 
 
