@@ -47,6 +47,21 @@ class Dataset:
     group: str | None  # datasets of one group leave the zero-shot model together; None: gene names unknown
     description: str
 
+    def read(self, data_dir: Path):
+        """The dataset's cells as one AnnData: its files joined on their shared genes."""
+        import anndata
+
+        return join_cells([anndata.read_h5ad(Path(data_dir) / file) for file in self.files])
+
+
+def join_cells(parts: list):
+    """AnnDatas joined cell-wise on the genes they share, with unique cell names."""
+    import anndata
+
+    adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
+    adata.obs_names_make_unique()
+    return adata
+
 
 DATASETS = [
     Dataset("pbmc3k", ["scrna/pbmc3k_2638.h5ad"], "pbmc3k", "10x PBMCs, 9 types"),
@@ -124,15 +139,11 @@ class Benchmark:
     # -- data and models -------------------------------------------------------------------------------------
 
     def prepare_data(self):
-        import anndata
-
         folder = self.output_dir / "data"
         folder.mkdir(exist_ok=True)
         rng = np.random.default_rng(self.args.seed)
         for dataset in self.datasets:
-            parts = [anndata.read_h5ad(self.data_dir / file) for file in dataset.files]
-            adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
-            adata.obs_names_make_unique()
+            adata = dataset.read(self.data_dir)
             if self.args.quick:
                 adata = adata[np.sort(rng.choice(adata.n_obs, min(120, adata.n_obs), replace=False))].copy()
             adata.obs = adata.obs[["cell_type"]].astype(str).astype("category")

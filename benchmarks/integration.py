@@ -39,7 +39,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import peers
 from _common import DATA_DIR, command_line, environment, markdown_table
-from downstream import DATASETS
+from downstream import DATASETS, join_cells
 
 INTEGRATION_DATASETS = {
     "pbmc_3tech": {"parts": {"pbmc_3tech": None}, "batch_key": "tech", "group": "pbmc_3tech"},
@@ -96,13 +96,11 @@ def load_cells(name: str, spec: dict, data_dir: Path, folder: Path, quick: bool,
     by_name = {dataset.name: dataset for dataset in DATASETS}
     parts = []
     for part, batch in spec["parts"].items():
-        files = [anndata.read_h5ad(data_dir / file) for file in by_name[part].files]
-        cells = files[0] if len(files) == 1 else anndata.concat(files, join="inner", merge="same")
+        cells = by_name[part].read(data_dir)
         if batch is not None:
             cells.obs[spec["batch_key"]] = batch
         parts.append(cells)
-    adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
-    adata.obs_names_make_unique()
+    adata = join_cells(parts)
     if quick:
         rng = np.random.default_rng(seed)
         adata = adata[np.sort(rng.choice(adata.n_obs, min(200, adata.n_obs), replace=False))].copy()
@@ -132,16 +130,13 @@ def add_representations(adata, name: str, spec: dict, args, output_dir: Path, re
 
 def other_datasets(group: str, args) -> list[Path]:
     """The developers' datasets with gene names outside `group`, written as single files for `scpalm pretrain`."""
-    import anndata
-
     files = []
     for dataset in DATASETS:
         if dataset.group is None or dataset.group == group:
             continue
         path = Path(args.output_dir) / "data" / f"pretrain_{dataset.name}.h5ad"
         if not path.is_file():
-            parts = [anndata.read_h5ad(Path(args.data_dir) / file) for file in dataset.files]
-            cells = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
+            cells = dataset.read(args.data_dir)
             if args.quick:
                 cells = cells[: min(200, cells.n_obs)].copy()
             cells.obs = cells.obs[[]]

@@ -94,9 +94,7 @@ def load_cells(dataset, data_dir: Path, folder: Path, quick: bool):
     path = folder / f"{dataset.name}.h5ad"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        parts = [anndata.read_h5ad(data_dir / file) for file in dataset.files]
-        adata = parts[0] if len(parts) == 1 else anndata.concat(parts, join="inner", merge="same")
-        adata.obs_names_make_unique()
+        adata = dataset.read(data_dir)
         if quick:
             adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, min(200, adata.n_obs), replace=False))].copy()
         adata.obs = adata.obs[["cell_type"]].astype(str).astype("category")
