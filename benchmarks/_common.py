@@ -287,10 +287,11 @@ def _commit() -> str:
     """The checkout's commit, marked when the working tree differs from it."""
     try:
         git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        commit = commit.stdout.strip()
         # Only the code that is measured counts (not the results being written, nor the docs).
         status = [*git, "status", "--porcelain", "--", "modeling_scpalm", "benchmarks", ":!benchmarks/results"]
-        changed = subprocess.run(status, capture_output=True, text=True).stdout
+        changed = subprocess.run(status, capture_output=True, text=True, check=False).stdout
     except OSError:
         return "unknown"
     return (commit or "unknown") + (" with uncommitted changes" if changed.strip() else "")

@@ -33,9 +33,9 @@ from pathlib import Path
 # Progress bars of dozens of training runs would bury the results (tqdm reads this when first imported).
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import peers  # noqa: E402
-from _common import DATA_DIR, PeakTensorMemory, command_line, environment, fake_tensors, markdown_table, mib  # noqa: E402
+import numpy as np
+import peers
+from _common import DATA_DIR, PeakTensorMemory, command_line, environment, fake_tensors, markdown_table, mib
 
 REACTOME = "gene_sets/c2.cp.reactome.v2023.1.Hs.symbols.gmt.gz"
 
@@ -210,7 +210,7 @@ class Benchmark:
     # -- section 4.2 ------------------------------------------------------------------------------------------
 
     def annotation(self):
-        from modeling_scpalm.annotation import cluster_and_score
+        from modeling_scpalm.tasks.annotation import cluster_and_score
 
         for dataset in self.datasets:
             adata = self.cells[dataset.name].copy()
@@ -250,7 +250,7 @@ class Benchmark:
     # -- section 5: Tables 2/5, 3 and 6 ------------------------------------------------------------------------
 
     def ablations(self):
-        from modeling_scpalm.annotation import cluster_and_score
+        from modeling_scpalm.tasks.annotation import cluster_and_score
 
         if "pbmc3k" not in self.cells:
             return
@@ -287,14 +287,14 @@ class Benchmark:
     def imputation(self):
         import anndata
 
-        from modeling_scpalm.imputation import (
+        from modeling_scpalm.processing_scpalm import anndata_gene_ids
+        from modeling_scpalm.tasks.imputation import (
             MaskedCells,
             imputation_scores,
             impute_with_model,
             mask_for_imputation,
             mean_imputation,
         )
-        from modeling_scpalm.processing_scpalm import anndata_gene_ids
 
         if "pbmc3k" not in self.cells:
             return
@@ -336,7 +336,7 @@ class Benchmark:
     # -- section 4.5 ------------------------------------------------------------------------------------------
 
     def pathways(self):
-        from modeling_scpalm.pathways import identify_pathways
+        from modeling_scpalm.tasks.pathways import identify_pathways
 
         if "pbmc3k" not in self.cells:
             return
@@ -346,7 +346,7 @@ class Benchmark:
             codes = self.embed(run_dir, self.cells["pbmc3k"], "pathway_codes")
             table = identify_pathways(model, processor, self.cells["pbmc3k"], self.data_dir / REACTOME, num_genes=10)
             self.results["pathways"][name] = {
-                "codes_used": int(len(np.unique(codes))),
+                "codes_used": len(np.unique(codes)),
                 "tests_with_overlap": len(table),
                 "significant": table[table.adjusted_p_value < 0.05].to_dict("records"),
                 "best": table.head(10).to_dict("records"),
@@ -479,8 +479,8 @@ def render_report(bench: Benchmark, argv) -> str:
         "",
         "## Unsupervised cell-type annotation (section 4.2)",
         "",
-        "Leiden at resolution 1.0 on each representation's 15-neighbour graph; ARI / NMI against `cell_type`. "
-        "Zero-shot: pretrained on the other datasets only; adapted: then trained on this dataset without labels.",
+        ("Leiden at resolution 1.0 on each representation's 15-neighbour graph; ARI / NMI against `cell_type`. "
+        "Zero-shot: pretrained on the other datasets only; adapted: then trained on this dataset without labels."),
         "",
     ]
     annotation = results["annotation"]
@@ -512,30 +512,30 @@ def render_report(bench: Benchmark, argv) -> str:
         ), ""]
     if results["memory"]:
         lines += ["### Embedding memory (Table 6)", "",
-                  "Peak tensor memory of a training step (forward and backward) through the embedding and the pathway "
+                  ("Peak tensor memory of a training step (forward and backward) through the embedding and the pathway "
                   "encoder, counted under FakeTensorMode with SDPA attention; weights not counted, gradients counted. "
-                  "Per-gene tokens: every vocabulary gene is a token of the encoder (scFoundation's layout).", ""]
+                  "Per-gene tokens: every vocabulary gene is a token of the encoder (scFoundation's layout)."), ""]
         lines += [markdown_table(["preset", "genes", "batch", "embedding", "peak MiB"],
                                  [[m["preset"], m["genes"], m["batch"], m["embedding"], m["peak_mib"]] for m in results["memory"]]), ""]
 
     if results["imputation"]:
         first = results["imputation"][0]
         lines += ["## Imputation on pbmc3k (section 4.4, Table 1)", "",
-                  f"10% of each cell's non-zero values hidden (drawn with weight exp(-x)), {first['hidden_values']:,} in "
+                  (f"10% of each cell's non-zero values hidden (drawn with weight exp(-x)), {first['hidden_values']:,} in "
                   f"all; scored on the {first['scored_values']:,} whose gene the scPaLM vocabulary holds, log-normalised "
-                  "scale. Every method is fitted on the masked cells only (zero-shot scPaLM never saw pbmc3k).", ""]
+                  "scale. Every method is fitted on the masked cells only (zero-shot scPaLM never saw pbmc3k)."), ""]
         lines += [markdown_table(["method", "RMSE", "MAE", "seconds"],
                                  [[r["method"], r.get("rmse", r.get("not_run")), r.get("mae", ""), r.get("seconds", "")]
                                   for r in results["imputation"]]), "", "![imputation](figures/imputation.png)", ""]
 
     if results["pathways"]:
         lines += ["## Pathway identification on pbmc3k (section 4.5, Appendix D)", "",
-                  "Each code's 10 top genes (association matrix of Appendix D) tested for over-representation in the "
+                  ("Each code's 10 top genes (association matrix of Appendix D) tested for over-representation in the "
                   "1,654 Reactome sets of MSigDB (hypergeometric, against the 13,714 genes measured), Benjamini-"
-                  "Hochberg over all tests.", ""]
+                  "Hochberg over all tests."), ""]
         for name, found in results["pathways"].items():
-            lines += [f"**{name}**: {found['codes_used']} codes used; {len(found['significant'])} (code, pathway) "
-                      "pairs with adjusted p < 0.05. Strongest:", ""]
+            lines += [(f"**{name}**: {found['codes_used']} codes used; {len(found['significant'])} (code, pathway) "
+                      "pairs with adjusted p < 0.05. Strongest:"), ""]
             lines += [markdown_table(["code", "top genes", "Reactome set", "overlap", "p", "adjusted p"],
                                      [[r["code"], r["top_genes"], r["gene_set"], r["overlap"], f"{r['p_value']:.2g}",
                                        f"{r['adjusted_p_value']:.2g}"] for r in found["best"]]), ""]

@@ -58,7 +58,7 @@ def main(argv=None):
     import pandas as pd
 
     from modeling_scpalm import ScPaLMModel, ScPaLMProcessor
-    from modeling_scpalm.drug_response import (
+    from modeling_scpalm.tasks.drug_response import (
         DrugResponseTrainer,
         cell_line_split,
         drug_mean_baseline,
@@ -166,7 +166,7 @@ def figure_six(test, expression_predicted, scpalm_predicted, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modeling_scpalm.drug_response import grouped_pcc
+    from modeling_scpalm.tasks.drug_response import grouped_pcc
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 4.3))
     for axis, (by, title) in zip(axes, [("cell_line", "per cell line"), ("cancer_type", "per cancer type"),
@@ -190,7 +190,7 @@ def figure_seven(test, expression_predicted, scpalm_predicted, path):
     """Figure 7: predicted against observed ln(IC50) for the cancer type scPaLM predicts best."""
     import matplotlib.pyplot as plt
 
-    from modeling_scpalm.drug_response import grouped_pcc, pearson, spearman
+    from modeling_scpalm.tasks.drug_response import grouped_pcc, pearson, spearman
 
     best = grouped_pcc(test, scpalm_predicted, "cancer_type").index[0]
     rows = (test["cancer_type"] == best).to_numpy()
@@ -236,8 +236,8 @@ def render_report(args, argv, results, pd) -> str:
         "",
         table,
         "",
-        "PCC and Spearman over all test pairs; the per-drug and per-cancer-type medians over groups with at least "
-        "10 test pairs.",
+        ("PCC and Spearman over all test pairs; the per-drug and per-cancer-type medians over groups with at least "
+        "10 test pairs."),
         "",
         figures,
         "",

@@ -17,7 +17,8 @@ Representations, each computed on the dataset's cells without their labels:
 - **scVI** with the batch column (`--scvi_epochs`, on the 2,000 most variable genes chosen within the batches);
 - **scPaLM zero-shot**: `scpalm pretrain --preset tiny` with its defaults on the other developers' datasets (every
   named-gene dataset outside this one's group), then `scpalm embed`; **scPaLM adapted**: that model, pretrained on
-  this dataset's cells with `--init_from` (no labels), then embedded.
+  this dataset's cells with `--init_from` (no labels), then embedded; **scPaLM adapted, batch-aware**: the same with
+  `--batch_key` (the decoders are told each cell's batch; embedding needs none).
 
 Every representation is scored by `modeling_scpalm.evaluation.evaluate_embeddings` (scib-metrics' Benchmarker: bio
 conservation, batch correction, total = 0.6 bio + 0.4 batch; Leiden-1.0 ARI / NMI beside them). Writes `report.md`,
@@ -47,7 +48,7 @@ INTEGRATION_DATASETS = {
                            "batch_key": "protocol", "group": "mixology_3cl"},
 }
 REPRESENTATIONS = {"PCA": "X_pca", "Harmony": "X_harmony", "scVI": "X_scvi", "scPaLM zero-shot": "X_scpalm_zero_shot",
-                   "scPaLM adapted": "X_scpalm_adapted"}
+                   "scPaLM adapted": "X_scpalm_adapted", "scPaLM adapted, batch-aware": "X_scpalm_batch_aware"}
 
 
 def parse_args(argv=None):
@@ -122,10 +123,13 @@ def add_representations(adata, name: str, spec: dict, args, output_dir: Path, re
             print(f"{method} not run: {error}")
     zero_shot = pretrain(output_dir / "models" / f"without_{spec['group']}", other_datasets(spec["group"], args),
                          args, results)
-    adapted = pretrain(output_dir / "models" / f"{name}_adapted", [output_dir / "data" / f"{name}.h5ad"], args,
-                       results, init_from=zero_shot)
-    adata.obsm["X_scpalm_zero_shot"] = embed(zero_shot / "model", adata)
-    adata.obsm["X_scpalm_adapted"] = embed(adapted / "model", adata)
+    cells_file = output_dir / "data" / f"{name}.h5ad"
+    adapted = pretrain(output_dir / "models" / f"{name}_adapted", [cells_file], args, results, init_from=zero_shot)
+    batch_aware = pretrain(output_dir / "models" / f"{name}_adapted_batch_aware", [cells_file], args, results,
+                           init_from=zero_shot, batch_key=spec["batch_key"])
+    runs = {"X_scpalm_zero_shot": zero_shot, "X_scpalm_adapted": adapted, "X_scpalm_batch_aware": batch_aware}
+    for key, run in runs.items():
+        adata.obsm[key] = embed(run / "model", adata)
 
 
 def other_datasets(group: str, args) -> list[Path]:
@@ -147,7 +151,8 @@ def other_datasets(group: str, args) -> list[Path]:
     return files
 
 
-def pretrain(run_dir: Path, train_files: list[Path], args, results: dict, init_from: Path | None = None) -> Path:
+def pretrain(run_dir: Path, train_files: list[Path], args, results: dict, init_from: Path | None = None,
+             batch_key: str | None = None) -> Path:
     """`scpalm pretrain --preset tiny` with the package's defaults (kept from an earlier run of this benchmark)."""
     if (run_dir / "model" / "config.json").is_file():
         return run_dir
@@ -158,6 +163,8 @@ def pretrain(run_dir: Path, train_files: list[Path], args, results: dict, init_f
         command += ["--train_file", str(file)]
     if init_from is not None:
         command += ["--init_from", str(init_from)]
+    if batch_key is not None:
+        command += ["--batch_key", batch_key]
     if args.quick:
         command += ["--max_steps", "3"]
     started = time.perf_counter()

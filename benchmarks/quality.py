@@ -31,10 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import peers  # noqa: E402
-from _common import DATA_DIR, command_line, environment, markdown_table  # noqa: E402
-from downstream import DATASETS  # noqa: E402
+import numpy as np
+import peers
+from _common import DATA_DIR, command_line, environment, markdown_table
+from downstream import DATASETS
 
 SCPALM_READOUTS = ["cell_embedding", "encoder_mean", "pathway_mean"]
 READOUT_ROWS = {"cell_embedding": "scPaLM h_C", "encoder_mean": "scPaLM encoder_mean", "pathway_mean": "scPaLM pathway_mean"}
@@ -128,7 +128,9 @@ def score_dataset(name: str, adata, output_dir: Path, seed: int, args, done: set
         seconds, embedded = pretrain_and_embed(adata, output_dir / "data" / f"{name}.h5ad", run_dir, seed, args.quick)
         for readout in SCPALM_READOUTS:
             add(READOUT_ROWS[readout], embedded[readout], train_seconds=round(seconds, 1))
-        add("MLP autoencoder (same time)", peers.mlp_autoencoder(log_normalized, seconds, seed), train_seconds=round(seconds, 1))
+        if wanted("MLP autoencoder (same time)"):
+            add("MLP autoencoder (same time)", peers.mlp_autoencoder(log_normalized, seconds, seed),
+                train_seconds=round(seconds, 1))
     for components in (50, 256):
         if f"PCA ({components})" in methods(seed) and wanted(f"PCA ({components})"):
             add(f"PCA ({components})", peers.pca(log_normalized, components, seed))
@@ -169,7 +171,7 @@ def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    from modeling_scpalm.annotation import cluster_and_score
+    from modeling_scpalm.tasks.annotation import cluster_and_score
 
     representation = np.asarray(representation, dtype=np.float32)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)

@@ -40,8 +40,8 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     from transformers import AutoModel
 
     from modeling_scpalm import ScPaLMProcessor, embed_anndata
-    from modeling_scpalm.annotation import cluster_and_score
     from modeling_scpalm.pretraining import main as pretrain
+    from modeling_scpalm.tasks.annotation import cluster_and_score
 
     args = parse_args(argv)
     started = time.perf_counter()

@@ -51,6 +51,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
     data.add_argument("--use_raw", action="store_true", help="take counts from raw/X (adata.raw) and its genes")
     data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
     data.add_argument("--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss")
+    data.add_argument("--batch_key", help="an obs column of batches (technology, donor, ...): the decoders are "
+                      "told each cell's batch, so h_C need not carry it (embedding needs no batch)")
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")
     model.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to train")
@@ -98,6 +100,9 @@ def parse_pretrain_args(argv=None) -> argparse.Namespace:
     resolve_layer(parser, args)
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
+    if args.batch_key and args.dataset_dir:
+        parser.error("--batch_key applies when the dataset is built from --train_file; a --dataset_dir keeps the "
+                     "batches it was built with")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.learning_rate is not None and args.learning_rate <= 0:

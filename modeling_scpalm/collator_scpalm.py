@@ -17,7 +17,8 @@ class ScPaLMDataCollator:
     Pads cells (`gene_ids`, `gene_values`, `panel` features, as `build_pretraining_dataset` writes them) into a batch
     with `attention_mask` and `measured_gene_mask`. With `num_kept_tokens` set (stage 2) it also draws, for every
     cell, the sorted indices of the pathway tokens the cell encoder keeps (`kept_token_indices`) and an independent
-    second view for the contrastive loss (`contrastive_kept_token_indices`). Features may carry `labels`.
+    second view for the contrastive loss (`contrastive_kept_token_indices`). Features may carry `labels`, and a
+    `batch` index (a dataset built with a `batch_key`), which becomes `batch_ids`.
 
     With a `seed`, a cell's views are a function of (seed, epoch, `cell_index`) alone, so they do not depend on
     DataLoader workers, processes, or a run's restart from a checkpoint; the training loop calls `set_epoch`.
@@ -50,12 +51,13 @@ class ScPaLMDataCollator:
                 f"`gene_panels` must be a (panels, num_genes) bool tensor, got {tuple(self.gene_panels.shape)} "
                 f"{self.gene_panels.dtype}: use `load_gene_panels(dataset_dir)`."
             )
-        if self.num_kept_tokens is not None:
-            if self.num_pathway_tokens is None or not 0 < self.num_kept_tokens < self.num_pathway_tokens:
-                raise ValueError(
-                    f"`num_kept_tokens` ({self.num_kept_tokens}) must keep at least one and mask at least one of "
-                    f"`num_pathway_tokens` ({self.num_pathway_tokens}) tokens."
-                )
+        if self.num_kept_tokens is not None and (
+            self.num_pathway_tokens is None or not 0 < self.num_kept_tokens < self.num_pathway_tokens
+        ):
+            raise ValueError(
+                f"`num_kept_tokens` ({self.num_kept_tokens}) must keep at least one and mask at least one of "
+                f"`num_pathway_tokens` ({self.num_pathway_tokens}) tokens."
+            )
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = np.array([len(feature["gene_ids"]) for feature in features], dtype=np.int64)
@@ -76,6 +78,8 @@ class ScPaLMDataCollator:
         }
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([feature["labels"] for feature in features])
+        if "batch" in features[0]:
+            batch["batch_ids"] = torch.tensor([feature["batch"] for feature in features], dtype=torch.long)
         if self.num_kept_tokens is not None:
             batch["kept_token_indices"], batch["contrastive_kept_token_indices"] = self._draw_views(features)
         return batch

@@ -4,9 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
 # Named sizes. "paper" is Table 4 of the paper (N = 256, K = 128, 60,664 genes); "tiny" pretrains both stages on
-# pbmc3k in minutes on two CPU cores. Every preset keeps the paper's K = 128: on pbmc3k's 2,000 most variable genes
-# (tiny, 400 stage-1 steps) a linear probe of the encoder output reached 0.77 cell-type accuracy with K = 32 and
-# 0.82 with K = 128 (0.85 without the quantizer).
+# pbmc3k in minutes on two CPU cores. Every preset keeps the paper's K = 128 (docs/design.md, "Presets").
 PRESETS = {
     "tiny": {
         "hidden_size": 64,
@@ -82,6 +80,13 @@ class ScPaLMConfig(PreTrainedConfig):
             mean expressed value), so that the tokens and h_C need not encode it.
         cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token
             and the pathway tokens it saw (the default), or `"cell_token"`, the cell token's own output (the paper's).
+        cell_token_from_expression (`bool`): add to the cell token e_C a learned linear read of the cell's whole
+            expression (one vector per gene, summed with the cell's values, then LayerNorm); h_C then sees every
+            gene, not only the pathway tokens left after masking. False gives the paper's constant e_C.
+        num_batches (`int`): batch-conditioned decoding: both decoders add a learned vector for each cell's batch
+            (`batch_ids`), so that the pathway tokens and h_C need not carry what only tells batches apart. The
+            encoders never see the batch, so cells of any batch, new ones too, embed without one. 0 (the default)
+            is batch-unaware; `scpalm pretrain --batch_key` sets it from the data.
 
     Example:
 
@@ -112,7 +117,7 @@ class ScPaLMConfig(PreTrainedConfig):
     commitment_beta: float = 0.0
     dead_code_patience: int = 20
     token_keep_ratio: float = 0.5
-    token_reconstruction_weight: float | int = 1.0
+    token_reconstruction_weight: float | int = 0.03
     contrastive_loss_weight: float | int = 0.0
     contrastive_temperature: float = 0.2
     contrastive_queue_size: int = 4096
@@ -122,6 +127,8 @@ class ScPaLMConfig(PreTrainedConfig):
     max_genes_per_cell: int = 1024
     decode_with_depth: bool = True
     cell_embedding_pooling: str = "mean"
+    cell_token_from_expression: bool = True
+    num_batches: int = 0
 
     def __post_init__(self, **kwargs):
         if self.pathway_encoder_num_hidden_layers is None:
@@ -165,7 +172,7 @@ class ScPaLMConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience",
-                     "max_genes_per_cell"):
+                     "max_genes_per_cell", "num_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
@@ -209,4 +216,4 @@ class ScPaLMConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
 
 
-__all__ = ["ScPaLMConfig", "PRESETS"]
+__all__ = ["PRESETS", "ScPaLMConfig"]

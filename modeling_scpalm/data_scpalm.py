@@ -2,7 +2,8 @@
 
 Each file is read from disk a chunk of cells at a time, so a corpus larger than memory is never loaded whole. A cell
 becomes its non-zero (vocabulary id, log-normalised value) pairs, the id of its file's gene panel (the vocabulary
-genes that file measured) and a `cell_index` that seeds its stage-2 views. Cells with no counts on the vocabulary's
+genes that file measured), a `cell_index` that seeds its stage-2 views and, with a `batch_key`, the index of its
+batch among all files' batches (for batch-conditioned decoding). Cells with no counts on the vocabulary's
 genes are dropped and counted. The panels are saved beside the data (`gene_panels.json`); `ScPaLMDataCollator` turns
 them back into per-cell masks.
 Data handling lives here, apart from the model files that ship to the Hub.
@@ -45,9 +46,13 @@ class BuildReport:
     files: list[FileReport] = field(default_factory=list)
     num_train_cells: int = 0
     num_eval_cells: int = 0
+    batches: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [str(report) for report in self.files]
+        if self.batches:
+            more = ", ..." if len(self.batches) > 10 else ""
+            lines.append(f"{len(self.batches)} batches: {', '.join(self.batches[:10])}{more}")
         lines.append(f"{self.num_train_cells:,} training and {self.num_eval_cells:,} held-out evaluation cells")
         return "\n".join(lines)
 
@@ -63,6 +68,7 @@ def build_pretraining_dataset(
     max_shard_size: str | int = "500MB",
     seed: int = 0,
     progress: bool = True,
+    batch_key: str | None = None,
 ) -> tuple[ScPaLMProcessor, BuildReport]:
     """
     Write `output_dir` (a `DatasetDict` with "train" and "eval" splits, plus `gene_panels.json` and the processor).
@@ -72,6 +78,8 @@ def build_pretraining_dataset(
             genes), genes as `var_names` and optionally Ensembl IDs in `var["gene_ids"]`; their gene panels may differ.
         processor: the vocabulary to map onto; by default one is built from the union of the files' genes.
         eval_fraction: share of cells (drawn at random with `seed`) held out for the evaluation loss.
+        batch_key: an `obs` column every file has (technology, donor, lab, ...): each cell keeps its batch's index
+            among the sorted union of the files' batches, written to `gene_panels.json` (`load_batches`).
 
     Raises:
         FileNotFoundError: a file does not exist. ValueError: `output_dir` already holds a dataset, or a file's
@@ -90,6 +98,7 @@ def build_pretraining_dataset(
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction}.")
 
     genes = [_file_genes(path, layer) for path in train_files]  # a missing layer or a broken file stops here
+    batches = [_file_batches(path, batch_key) for path in train_files] if batch_key else None
     if processor is None:
         processor = ScPaLMProcessor.from_anndata([anndata.AnnData(var=var) for var in genes])
     # Built under a temporary name beside `output_dir` and renamed when complete: a build that is interrupted leaves
@@ -100,7 +109,7 @@ def build_pretraining_dataset(
     try:
         with _datasets_bars_off():
             report = _write_dataset(train_files, staging, processor, eval_fraction, is_normalized, layer, chunk_size,
-                                    max_shard_size, seed, progress)
+                                    max_shard_size, seed, progress, batches)
         if output_dir.exists():
             output_dir.rmdir()  # empty, as checked above: the rename needs the name free
         os.replace(staging, output_dir)
@@ -110,19 +119,22 @@ def build_pretraining_dataset(
 
 
 def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normalized, layer, chunk_size, max_shard_size,
-                   seed, progress) -> "BuildReport":
+                   seed, progress, batches) -> "BuildReport":
     """The dataset, its panels, processor and report, written into `output_dir`."""
     import datasets
 
     build = _BuildState(processor, is_normalized, layer, chunk_size, progress)
-    features = datasets.Features(
-        {
-            "gene_ids": datasets.Sequence(datasets.Value("int32")),
-            "gene_values": datasets.Sequence(datasets.Value("float32")),
-            "panel": datasets.Value("int32"),
-            "cell_index": datasets.Value("int64"),
-        }
-    )
+    columns = {
+        "gene_ids": datasets.Sequence(datasets.Value("int32")),
+        "gene_values": datasets.Sequence(datasets.Value("float32")),
+        "panel": datasets.Value("int32"),
+        "cell_index": datasets.Value("int64"),
+    }
+    batch_names = sorted(set().union(*map(set, batches))) if batches else []
+    if batches:
+        columns["batch"] = datasets.Value("int32")
+        build.batch_codes = [np.searchsorted(batch_names, labels).astype(np.int32) for labels in batches]
+    features = datasets.Features(columns)
     # One generator call per file (datasets shards the list arguments); `build` collects the reports and panels.
     try:
         dataset = datasets.Dataset.from_generator(
@@ -145,9 +157,11 @@ def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normali
     dataset_dict.save_to_disk(str(output_dir / "cells"), max_shard_size=max_shard_size)
     shutil.rmtree(output_dir / ".cache", ignore_errors=True)
     panels = [build.panels[panel_id] for panel_id in range(len(train_files))]
-    (output_dir / PANELS_FILE).write_text(json.dumps({"num_genes": processor.num_genes, "panels": panels}))
+    (output_dir / PANELS_FILE).write_text(
+        json.dumps({"num_genes": processor.num_genes, "panels": panels, "batches": batch_names})
+    )
     processor.save_pretrained(output_dir)
-    report = BuildReport(files=[build.reports[panel_id] for panel_id in range(len(train_files))])
+    report = BuildReport(files=[build.reports[panel_id] for panel_id in range(len(train_files))], batches=batch_names)
     report.num_train_cells = len(dataset_dict["train"])
     report.num_eval_cells = len(dataset_dict["eval"]) if "eval" in dataset_dict else 0
     (output_dir / BUILD_REPORT_FILE).write_text(str(report) + "\n")
@@ -228,6 +242,7 @@ class _BuildState:
     reports: dict[int, FileReport] = field(default_factory=dict)
     panels: dict[int, list[int]] = field(default_factory=dict)
     num_cells: int = 0  # written so far: the next cell's `cell_index`
+    batch_codes: list[np.ndarray] | None = None  # each file's cells' batch indices, with a batch key
 
 
 def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
@@ -256,14 +271,20 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
                     cells, _ = processor.transform(matrix[keep], gene_names, gene_ids, is_normalized=build.is_normalized)
                 except (ValueError, TypeError) as error:
                     raise type(error)(f"{path}: {error}") from None
+                batch_codes = None
+                if build.batch_codes:
+                    batch_codes = build.batch_codes[panel_id][start : start + build.chunk_size][keep]
                 for row in range(cells.shape[0]):
                     begin, end = cells.indptr[row], cells.indptr[row + 1]
-                    yield {
+                    record = {
                         "gene_ids": cells.indices[begin:end].astype(np.int32),
                         "gene_values": cells.data[begin:end],
                         "panel": panel_id,
                         "cell_index": build.num_cells,
                     }
+                    if batch_codes is not None:
+                        record["batch"] = batch_codes[row]
+                    yield record
                     build.num_cells += 1
 
 
@@ -278,6 +299,35 @@ def _file_genes(path: Path, layer: str | None):
         raise ValueError(f"{path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?") from None
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def _file_batches(path: Path, batch_key: str) -> np.ndarray:
+    """Each cell's batch label (as text) from the file's `obs[batch_key]`, read without the cells."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as file:
+        obs = file["obs"]
+        if batch_key not in obs:
+            columns = sorted(key for key in obs if not key.startswith("_") and key != "__categories")
+            raise ValueError(
+                f"{path} has no obs column {batch_key!r} (--batch_key): its columns are {columns or 'none'}. Every "
+                "training file needs the batch column; add it (one value for a file that is one batch)."
+            )
+        labels = np.asarray(read_elem(obs[batch_key]), dtype=object)
+    import pandas as pd
+
+    missing = pd.isna(labels)
+    if missing.any():
+        raise ValueError(
+            f"{path}: {int(missing.sum()):,} cells have no value in obs[{batch_key!r}]: fill them (e.g. 'unknown')."
+        )
+    return labels.astype(str)
+
+
+def load_batches(dataset_dir: str | Path) -> list[str]:
+    """The batches a dataset was built with (`batch_key`), in the order of the cells' `batch` indices; [] if none."""
+    return json.loads((Path(dataset_dir) / PANELS_FILE).read_text()).get("batches", [])
 
 
 def load_pretraining_dataset(dataset_dir: str | Path, streaming: bool = False, num_shards: int = 8):
@@ -328,13 +378,9 @@ def load_gene_panels(dataset_dir: str | Path) -> torch.Tensor:
     return panels
 
 
-# On CPU, a batch's gene vectors (padded gene entries x hidden values) are best kept to 8 MiB: on pbmc3k with 2 cores
-# this gives 37 cells a batch at the tiny preset and 9 at the small one in float32, 1.9-3.1x and 2.0-3.4x the cells/s
-# of 256 cells a batch in five runs on two CPUs (`benchmarks/batching.py`). A budget in bytes, not entries: under
-# bfloat16 autocast the best fixed size doubled at tiny (32 -> 64 cells), and the float32 entry budget ran at 0.73x
-# of it. What large batches paid for on the AMD CPU is fresh memory: glibc's malloc maps each large tensor anew from
-# the OS, page-faulting it in; with its mmap and trim thresholds raised (environment variables), 256-cell batches ran
-# 1.9x faster and these no faster. GPUs take `ACCELERATOR_BATCH_SIZE` cells.
+# On CPU, a batch's gene vectors (padded gene entries x hidden values) are kept to 8 MiB, a budget in bytes so that it
+# follows the dtype: large CPU batches pay for fresh memory that the allocator maps and faults in anew for every big
+# tensor (`benchmarks/results/batching.md`, docs/design.md). GPUs take `ACCELERATOR_BATCH_SIZE` cells.
 CPU_BATCH_BYTES = 2**23
 ACCELERATOR_BATCH_SIZE = 256
 # Inference pads a batch to a multiple of this many genes, and sizes CPU batches by that width: the batches of a width
@@ -372,4 +418,12 @@ def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.devic
     return batches
 
 
-__all__ = ["build_pretraining_dataset", "load_pretraining_dataset", "load_gene_panels", "BuildReport", "LengthGroupedSampler", "inference_batches"]
+__all__ = [
+    "BuildReport",
+    "LengthGroupedSampler",
+    "build_pretraining_dataset",
+    "inference_batches",
+    "load_batches",
+    "load_gene_panels",
+    "load_pretraining_dataset",
+]

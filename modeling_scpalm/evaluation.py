@@ -1,6 +1,6 @@
 """Cell embeddings judged the way the field judges them: scib-metrics' `Benchmarker` (the scIB benchmark's bio
 conservation and batch correction metrics, and their total, 0.6 bio + 0.4 batch), with the paper's own clustering
-score beside it (Leiden at resolution 1.0, ARI and NMI against the labels: `annotation.cluster_and_score`).
+score beside it (Leiden at resolution 1.0, ARI and NMI against the labels: `tasks.annotation.cluster_and_score`).
 
 Needs the `evaluate` extra (scib-metrics, which brings JAX) and the `analysis` extra.
 """
@@ -41,7 +41,7 @@ def evaluate_embeddings(
     """
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
-    from .annotation import cluster_and_score
+    from .tasks.annotation import cluster_and_score
 
     _check_keys(adata, label_key, obsm_keys, batch_key)
     # The metrics see the labels, the batches and the embeddings only: a small AnnData of those, as float32.

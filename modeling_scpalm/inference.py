@@ -180,4 +180,4 @@ def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm",
     return num_cells
 
 
-__all__ = ["REPRESENTATIONS", "embed_anndata", "embed_h5ad", "iter_embeddings", "expression_matrix", "row_chunks"]
+__all__ = ["REPRESENTATIONS", "embed_anndata", "embed_h5ad", "expression_matrix", "iter_embeddings", "row_chunks"]

@@ -226,7 +226,11 @@ class ScPaLMTransformer(nn.Module):
 
 class ScPaLMCellEncoder(nn.Module):
     """Stage 2's encoder: the cell token e_C, then the kept pathway tokens with their slot embeddings. h_C is read from
-    its output by `config.cell_embedding_pooling`."""
+    its output by `config.cell_embedding_pooling`.
+
+    With `config.cell_token_from_expression`, e_C is the learned token plus a read of the cell's whole expression,
+    LayerNorm(sum_g x_g w_g) with one learned vector w_g per gene: a sum over the cell's genes, so permutation
+    invariant like the embedding, and it sees every gene of the cell, which the masked pathway tokens do not."""
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__()
@@ -234,14 +238,44 @@ class ScPaLMCellEncoder(nn.Module):
         self.cell_token = nn.Parameter(torch.empty(config.hidden_size))
         self.slot_embeddings = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size))
         self.transformer = ScPaLMTransformer(config, config.num_hidden_layers)
+        if config.cell_token_from_expression:
+            self.expression_weight = nn.Parameter(torch.empty(config.num_genes, config.hidden_size))
+            self.expression_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.expression_weight = self.expression_norm = None
+
+    def read_expression(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        measured_gene_mask: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """(batch, hidden) read of the whole cell added to e_C, or None when the config leaves it out. Genes outside
+        the measured panel are left out, as the embedding leaves them out."""
+        if self.expression_weight is None:
+            return None
+        if measured_gene_mask.dim() == 1:
+            measured = measured_gene_mask[gene_ids]
+        else:
+            measured = measured_gene_mask.gather(1, gene_ids)
+        weights = (gene_values * (attention_mask & measured)).to(self.expression_weight.dtype)
+        summed = F.embedding_bag(gene_ids.long(), self.expression_weight, per_sample_weights=weights, mode="sum")
+        return self.expression_norm(summed)
 
     def forward(
-        self, pathway_tokens: torch.Tensor, kept_token_indices: torch.Tensor | None, output_hidden_states: bool = False
+        self,
+        pathway_tokens: torch.Tensor,
+        kept_token_indices: torch.Tensor | None,
+        expression_read: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         tokens = pathway_tokens + self.slot_embeddings
         if kept_token_indices is not None:
             tokens = tokens.gather(1, kept_token_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         cell_token = self.cell_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        if expression_read is not None:
+            cell_token = cell_token + expression_read.to(tokens.dtype)[:, None, :]
         return self.transformer(torch.cat([cell_token, tokens], dim=1), output_hidden_states)
 
     def cell_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -266,6 +300,10 @@ class ScPaLMGeneDecoder(nn.Module):
         # Nor is the cell's sequencing depth: the decoder is told it (as scVI's decoder is told the library size), so
         # the tokens and h_C need not spend their largest direction on it.
         self.depth_projection = nn.Linear(CELL_DEPTH_FEATURES, config.hidden_size) if config.decode_with_depth else None
+        # And, with batches, the cell's batch (scVI's decoder is given it too): what differs between batches alone
+        # need not be carried by the tokens or h_C. The encoders never see the batch, so embedding needs none.
+        batches = config.num_batches
+        self.batch_embeddings = nn.Parameter(torch.empty(batches, config.hidden_size)) if batches else None
 
     @torch.no_grad()
     def initialize_gene_bias(self, mean_expression: torch.Tensor):
@@ -277,13 +315,20 @@ class ScPaLMGeneDecoder(nn.Module):
         self.gene_bias.copy_(mean_expression.to(self.gene_bias))
 
     def forward(
-        self, tokens: torch.Tensor, depth: torch.Tensor, output_hidden_states: bool = False
+        self,
+        tokens: torch.Tensor,
+        depth: torch.Tensor,
+        batch_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(batch, N, hidden) tokens and (batch, 2) depth -> (batch, num_genes) expression, and with
-        `output_hidden_states` also the slots' final states (batch, N, hidden) that the genes are read from."""
+        """(batch, N, hidden) tokens, (batch, 2) depth and, with batches, (batch,) batch ids -> (batch, num_genes)
+        expression, and with `output_hidden_states` also the slots' final states (batch, N, hidden) that the genes are
+        read from."""
         tokens = tokens + self.slot_embeddings
         if self.depth_projection is not None:
             tokens = tokens + self.depth_projection(depth.to(tokens.dtype))[:, None, :]
+        if self.batch_embeddings is not None:
+            tokens = tokens + self.batch_embeddings.to(tokens.dtype)[batch_ids][:, None, :]
         hidden_states, _ = self.transformer(tokens)
         genes = torch.einsum("bkd,kds->bks", hidden_states, self.head_weight.to(hidden_states.dtype))
         genes = genes.flatten(1)[:, : self.num_genes] + self.gene_bias
@@ -445,10 +490,14 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ScPaLMCellEncoder):
             init.normal_(module.cell_token, std=std)
             init.normal_(module.slot_embeddings, std=std)
+            if module.expression_weight is not None:
+                init.normal_(module.expression_weight, std=std)
         elif isinstance(module, ScPaLMGeneDecoder):
             init.normal_(module.slot_embeddings, std=std)
             init.normal_(module.head_weight, std=std)
             init.zeros_(module.gene_bias)
+            if module.batch_embeddings is not None:
+                init.normal_(module.batch_embeddings, std=std)
         elif isinstance(module, ScPaLMPseudoLabelContrast):
             for buffer in (module.queue, module.queue_filled, module.queue_position, module.centroids, module.step):
                 init.zeros_(buffer)
@@ -525,6 +574,23 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             )
         return attention_mask.bool(), measured_gene_mask.bool()
 
+    def _check_batch_ids(self, batch_ids: torch.Tensor | None, batch_size: int):
+        """A batch-conditioned decoder needs each cell's batch id; a batch-unaware one takes none."""
+        num_batches = self.config.num_batches
+        if num_batches and batch_ids is None:
+            raise ValueError(
+                f"This model decodes with the cell's batch (`num_batches={num_batches}`): pass `batch_ids`, which "
+                "`ScPaLMDataCollator` makes from a dataset built with a `batch_key`."
+            )
+        if not num_batches and batch_ids is not None:
+            raise ValueError(
+                "`batch_ids` were given, but this model was configured without batches (`num_batches=0`): build the "
+                "model with `num_batches` set to the dataset's number of batches, or drop the batch column."
+            )
+        if batch_ids is not None and tuple(batch_ids.shape) != (batch_size,):
+            shape = tuple(batch_ids.shape)
+            raise ValueError(f"`batch_ids` must be one id per cell, shape ({batch_size},), not {shape}.")
+
     def _dense_targets(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
         """(batch, num_genes) expression in vocabulary order from the sparse inputs."""
         values = (gene_values * attention_mask).float()
@@ -598,7 +664,10 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
         pathway = self.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask, output_hidden_states)
         # The cell encoder reads the pathway encoder's output, not its codes (docs/design.md: the codes lose cells).
-        hidden, cell_hidden_states = self.cell_encoder(pathway.encoder_output, kept_token_indices, output_hidden_states)
+        expression_read = self.cell_encoder.read_expression(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        hidden, cell_hidden_states = self.cell_encoder(
+            pathway.encoder_output, kept_token_indices, expression_read, output_hidden_states
+        )
         output = ScPaLMModelOutput(
             cell_embedding=self.cell_encoder.cell_embedding(hidden),
             last_hidden_state=hidden,
@@ -633,16 +702,21 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         gene_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         measured_gene_mask: torch.Tensor | None = None,
+        batch_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> ScPaLMForPathwayReconstructionOutput | tuple:
-        r"""Inputs as [`ScPaLMModel`]; the loss is always computed (the inputs are their own targets)."""
+        r"""Inputs as [`ScPaLMModel`]; the loss is always computed (the inputs are their own targets).
+
+        batch_ids (`(batch_size,)`, *optional*): each cell's batch, for a model with `config.num_batches` > 0.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        self._check_batch_ids(batch_ids, gene_ids.shape[0])
         pathway = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask)
         # The decoder reads the encoder's output; the quantizer learns its codes beside it (commitment loss, codebook
         # side) and costs the representation nothing. Decoding the codes (the paper) lost cells: docs/design.md.
         depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
-        reconstruction = self.decoder(pathway.encoder_output, depth).float()
+        reconstruction = self.decoder(pathway.encoder_output, depth, batch_ids).float()
         targets = self._dense_targets(gene_ids, gene_values, attention_mask)
         reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
         quantized = pathway.quantizer
@@ -696,29 +770,34 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         measured_gene_mask: torch.Tensor | None = None,
         kept_token_indices: torch.Tensor | None = None,
         contrastive_kept_token_indices: torch.Tensor | None = None,
+        batch_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> ScPaLMForCellPretrainingOutput | tuple:
         r"""
         kept_token_indices (`(batch_size, kept_tokens)`, *optional*): sorted indices of the pathway tokens the cell
             encoder sees in the reconstructed view; drawn at random when not given (the collator makes them).
         contrastive_kept_token_indices (`(batch_size, kept_tokens)`, *optional*): the second, independent view.
+        batch_ids (`(batch_size,)`, *optional*): each cell's batch, for a model with `config.num_batches` > 0.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        self._check_batch_ids(batch_ids, gene_ids.shape[0])
         batch_size, device = gene_ids.shape[0], gene_ids.device
         with torch.no_grad():
             tokens = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask).encoder_output
         if kept_token_indices is None:
             kept_token_indices = self.sample_kept_token_indices(batch_size, device)
-        hidden, _ = self.scpalm.cell_encoder(tokens, kept_token_indices)
-        cell_embedding = self.scpalm.cell_encoder.cell_embedding(hidden)
+        cell_encoder = self.scpalm.cell_encoder
+        expression_read = cell_encoder.read_expression(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        hidden, _ = cell_encoder(tokens, kept_token_indices, expression_read)
+        cell_embedding = cell_encoder.cell_embedding(hidden)
 
         # The cell decoder reads h_C alone, in every slot beside e_M: the whole cell, seen through p% of its tokens,
         # must pass through h_C (the paper decodes the kept tokens' outputs and leaves h_C out; docs/design.md).
         decoder_input = self.mask_token.to(hidden.dtype) + cell_embedding[:, None, :]
         depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
         reconstruction, decoded_tokens = self.cell_decoder(
-            decoder_input.expand(-1, self.config.num_pathway_tokens, -1), depth, output_hidden_states=True
+            decoder_input.expand(-1, self.config.num_pathway_tokens, -1), depth, batch_ids, output_hidden_states=True
         )
         reconstruction = reconstruction.float()
         masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
@@ -739,8 +818,8 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         if self.config.contrastive_loss_weight > 0:
             if contrastive_kept_token_indices is None:
                 contrastive_kept_token_indices = self.sample_kept_token_indices(batch_size, device)
-            second_view, _ = self.scpalm.cell_encoder(tokens, contrastive_kept_token_indices)
-            contrastive_loss = self.contrastive(cell_embedding, self.scpalm.cell_encoder.cell_embedding(second_view))
+            second_view, _ = cell_encoder(tokens, contrastive_kept_token_indices, expression_read)
+            contrastive_loss = self.contrastive(cell_embedding, cell_encoder.cell_embedding(second_view))
             loss = loss + self.config.contrastive_loss_weight * contrastive_loss
 
         output = ScPaLMForCellPretrainingOutput(

@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
 
 
-def default_max_steps(steps_per_epoch: int, num_epochs: float | None, batch_size: int, mean_genes_per_cell: float) -> int:
+def default_max_steps(
+    steps_per_epoch: int, num_epochs: float | None, batch_size: int, mean_genes_per_cell: float
+) -> int:
     """Optimizer steps of a stage: `num_epochs` passes when given; else `DEFAULT_EPOCHS` passes held within
     [DEFAULT_MIN_STEPS, DEFAULT_MAX_STEPS] and within `DEFAULT_GENE_VALUES` expressed genes seen, at least one pass."""
     if num_epochs is not None:
@@ -118,21 +121,22 @@ def _run(args, accelerator, output_dir: Path) -> Path:
             is_normalized=args.is_normalized,
             layer=args.layer,
             seed=args.seed,
+            batch_key=args.batch_key,
         )
         accelerator.print(report)
     accelerator.wait_for_everyone()
 
-    from .data_scpalm import load_pretraining_dataset
+    from .data_scpalm import load_batches, load_pretraining_dataset
     from .processing_scpalm import ScPaLMProcessor
 
     dataset, panels = load_pretraining_dataset(dataset_dir)
     processor = ScPaLMProcessor.from_pretrained(dataset_dir)
     mean_expression, lengths = _training_statistics(dataset["train"], processor.num_genes)
+    data = TrainingData(dataset, panels, processor, mean_expression, lengths, len(load_batches(dataset_dir)))
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     stage_dirs = [Path(args.stage_one_model)] if args.stage_one_model else []
     for stage in stages:
-        previous = stage_dirs[-1] if stage_dirs else None
-        stage_dirs.append(run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, lengths, previous))
+        stage_dirs.append(run_stage(stage, args, accelerator, data, stage_dirs[-1] if stage_dirs else None))
 
     model_dir = output_dir / "model"
     if accelerator.is_main_process:
@@ -141,7 +145,8 @@ def _run(args, accelerator, output_dir: Path) -> Path:
         export_model(stage_dirs, model_dir, dataset_dir, args.hub_model_id, args.dataset_name, args.license)
         accelerator.print(f"Model, processor and model card: {model_dir}")
         if args.push_to_hub:
-            accelerator.print(f"Pushed to {push_to_hub(model_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)}")
+            pushed = push_to_hub(model_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            accelerator.print(f"Pushed to {pushed}")
     accelerator.wait_for_everyone()
     return model_dir
 
@@ -162,46 +167,113 @@ def _cell_model_from_stage_one(stage_one_dir, config, verbose: bool = False):
     if not verbose:
         transformers_logging.set_verbosity_error()
     try:
-        model, loading_info = ScPaLMForCellPretraining.from_pretrained(stage_one_dir, config=config, output_loading_info=True)
+        model, loading_info = ScPaLMForCellPretraining.from_pretrained(
+            stage_one_dir, config=config, output_loading_info=True
+        )
     finally:
         transformers_logging.set_verbosity(verbosity)
-    missing = [key for key in loading_info["missing_keys"] if not any(re.search(head, key) for head in PRETRAINING_HEAD_KEYS)]
+    # The cell encoder is stage 2's too: a stage-1 folder holds it untrained, or not all of it (the expression read).
+    new_keys = [*PRETRAINING_HEAD_KEYS, r"cell_encoder\."]
+    missing = [key for key in loading_info["missing_keys"] if not any(re.search(head, key) for head in new_keys)]
     if missing:
-        raise ValueError(f"{stage_one_dir} lacks weights stage 2 needs ({', '.join(missing[:5])}, ...): is it a stage-1 "
-                         "folder of an scPaLM run?")
+        raise ValueError(
+            f"{stage_one_dir} lacks weights stage 2 needs ({', '.join(missing[:5])}, ...): is it a stage-1 folder "
+            "of an scPaLM run?"
+        )
     return model
 
 
-def run_stage(stage, args, accelerator, dataset, panels, processor, mean_expression, lengths, stage_one_dir):
+@dataclass
+class TrainingData:
+    """What both stages read: the dataset's splits and panels, its processor, each gene's mean (a fresh decoder's
+    bias), each training cell's number of non-zero genes (length grouping) and how many batches it has."""
+
+    dataset: object
+    panels: torch.Tensor
+    processor: object
+    mean_expression: torch.Tensor
+    lengths: np.ndarray
+    num_batches: int = 0
+
+
+def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: Path | None) -> Path:
+    """Trains one stage and saves it to `output_dir/stage_<stage>`: its model, data loaders, optimiser and schedule,
+    the loop (with checkpoints, logs and evaluations) and its summary, each in a function of its own."""
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
-    from .collator_scpalm import ScPaLMDataCollator
-    from .configuration_scpalm import ScPaLMConfig
-    from .data_scpalm import LengthGroupedSampler
     from .hub_scpalm import TRAINING_SUMMARY_FILE
-    from .modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
 
-    output_dir = Path(args.output_dir)
-    stage_dir = output_dir / f"stage_{stage}"
+    stage_dir = Path(args.output_dir) / f"stage_{stage}"
     if args.resume_from_checkpoint and (stage_dir / TRAINING_SUMMARY_FILE).exists():
         accelerator.print(f"Stage {stage} finished before the run stopped: {stage_dir}")
         return stage_dir
     # A stage's initialisation and data order depend on the seed alone, not on whether the stage before it ran in
     # this process: a run resumed in stage 2 builds what the unbroken run built.
     set_seed(args.seed + stage)
-    # Stage 1 starts fresh from the preset, or from the earlier run's stage 1; stage 2 from this run's stage 1.
+    model = _stage_model(stage, args, data, stage_one_dir)
+    collator, train_loader, eval_loader = _stage_loaders(stage, args, accelerator, model.config, data)
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    genes_per_cell = _genes_read_per_cell(data.lengths, model.config.max_genes_per_cell)
+    max_steps = args.max_steps if args.max_steps is not None else default_max_steps(
+        steps_per_epoch, args.num_epochs, total_batch_size, genes_per_cell)
+    learning_rate = args.learning_rate if args.learning_rate is not None else STAGE_LEARNING_RATES[stage]
+    optimizer, scheduler = _optimizer_and_schedule(model, args, learning_rate, max_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    loop = _TrainingLoop(stage, args, accelerator, model, optimizer, scheduler, collator, stage_dir, total_batch_size)
+    record, eval_record = loop.run(train_loader, eval_loader, steps_per_epoch, max_steps)
+
+    _check_processes_agree(accelerator, model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(stage_dir)
+        data.processor.save_pretrained(stage_dir)
+        summary = {
+            "stage": stage,
+            "preset": None if args.init_from else args.preset,
+            "init_from": args.init_from,
+            "config_overrides": args.config_overrides,
+            "steps": loop.completed_steps,
+            "batch_size": total_batch_size,
+            "learning_rate": learning_rate,
+            "num_processes": accelerator.num_processes,
+            "group_by_length": args.group_by_length,
+            "mixed_precision": accelerator.mixed_precision,
+            "train_loss": round(record["loss"], 5),
+            "eval_loss": round(eval_record["eval_loss"], 5) if eval_record else None,
+            "eval_reconstruction_loss": round(eval_record["eval_reconstruction_loss"], 5) if eval_record else None,
+            "seed": args.seed,
+        }
+        _write_summary(accelerator, stage_dir, summary)
+    accelerator.wait_for_everyone()
+    # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
+    accelerator.free_memory()
+    return stage_dir
+
+
+def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | None):
+    """The stage's model: stage 1 fresh from the preset, or from the earlier run's stage 1 (`--init_from`); stage 2
+    from this run's stage 1, or the earlier run's stage 2 on top of this run's adapted stage 1."""
+    from .configuration_scpalm import ScPaLMConfig
+    from .modeling_scpalm import ScPaLMForCellPretraining, ScPaLMForPathwayReconstruction
+
     init_dir = Path(args.init_from) / f"stage_{stage}" if args.init_from else None
     source_dir = init_dir or (stage_one_dir if stage == 2 else None)
     if source_dir is None:
-        config = ScPaLMConfig.from_preset(args.preset, num_genes=processor.num_genes)
+        config = ScPaLMConfig.from_preset(args.preset, num_genes=data.processor.num_genes)
     else:
         config = ScPaLMConfig.from_pretrained(source_dir)
     if args.config_overrides:
         config.update_from_string(args.config_overrides)
         config.validate()
+    if config.num_batches not in (0, data.num_batches):
+        raise ValueError(
+            f"{source_dir} decodes with {config.num_batches} batches but the dataset has {data.num_batches}: its batch "
+            "vectors would not match these batches. Pretrain afresh, or build the data with the same batch column."
+        )
+    # A batch-unaware model adapted to data with batches gets new, untrained batch vectors.
+    config.num_batches = data.num_batches
     model_class = ScPaLMForPathwayReconstruction if stage == 1 else ScPaLMForCellPretraining
     if source_dir is None:
         model = model_class(config)
@@ -210,14 +282,23 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     else:
         model = model_class.from_pretrained(source_dir, config=config)
     if stage == 2 and init_dir:
-        # The earlier run's stage 2 (cell encoder, decoder, k-means queue) on top of this run's adapted stage 1.
         adapted = ScPaLMForPathwayReconstruction.from_pretrained(stage_one_dir).scpalm
         for module, adapted_module in zip(model.scpalm.pathway_modules(), adapted.pathway_modules()):
             module.load_state_dict(adapted_module.state_dict())
     elif init_dir is None:
         # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
-        (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(mean_expression)
-    collator = ScPaLMDataCollator.for_stage(model.config, panels, stage, seed=args.seed)
+        (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(data.mean_expression)
+    return model
+
+
+def _stage_loaders(stage: int, args, accelerator, config, data: TrainingData):
+    """The stage's collator, and its training (length-grouped by default) and held-out loaders."""
+    from torch.utils.data import DataLoader
+
+    from .collator_scpalm import ScPaLMDataCollator
+    from .data_scpalm import LengthGroupedSampler
+
+    collator = ScPaLMDataCollator.for_stage(config, data.panels, stage, seed=args.seed)
     loader_options = {
         "batch_size": args.per_device_batch_size,
         "collate_fn": collator,
@@ -225,20 +306,21 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
         "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
     }
     if args.group_by_length:
-        sampler = LengthGroupedSampler(lengths, args.per_device_batch_size, seed=args.seed + stage)
-        train_loader = DataLoader(dataset["train"], sampler=sampler, drop_last=True, **loader_options)
+        sampler = LengthGroupedSampler(data.lengths, args.per_device_batch_size, seed=args.seed + stage)
+        train_loader = DataLoader(data.dataset["train"], sampler=sampler, drop_last=True, **loader_options)
     else:
-        train_loader = DataLoader(dataset["train"], shuffle=True, drop_last=True, **loader_options)
-    eval_loader = DataLoader(dataset["eval"], **loader_options) if "eval" in dataset else None
+        train_loader = DataLoader(data.dataset["train"], shuffle=True, drop_last=True, **loader_options)
+    eval_loader = DataLoader(data.dataset["eval"], **loader_options) if "eval" in data.dataset else None
+    return collator, train_loader, eval_loader
 
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    max_steps = args.max_steps if args.max_steps is not None else default_max_steps(
-        steps_per_epoch, args.num_epochs, total_batch_size, _genes_read_per_cell(lengths, config.max_genes_per_cell))
+
+def _optimizer_and_schedule(model, args, learning_rate: float, max_steps: int):
+    """AdamW without weight decay on biases and norms, and a linear schedule with warm-up."""
+    from transformers import get_scheduler
+
     decay, no_decay = [], []
     for parameter in (p for p in model.parameters() if p.requires_grad):
         (decay if parameter.dim() > 1 else no_decay).append(parameter)
-    learning_rate = args.learning_rate if args.learning_rate is not None else STAGE_LEARNING_RATES[stage]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=learning_rate,
@@ -246,101 +328,108 @@ def run_stage(stage, args, accelerator, dataset, panels, processor, mean_express
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(args.warmup_ratio * max_steps), num_training_steps=max_steps
     )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    return optimizer, scheduler
 
-    checkpoints = output_dir / "checkpoints" / f"stage_{stage}"
-    completed_steps = 0
-    resume = _checkpoint_to_resume(args.resume_from_checkpoint, checkpoints)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        completed_steps = int(CHECKPOINT_NAME.fullmatch(resume.name).group(1))
-        accelerator.print(f"Resumed stage {stage} from {resume} at step {completed_steps}")
-    log_file = stage_dir / "log.jsonl"
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    progress = tqdm(total=max_steps, initial=completed_steps, desc=f"stage {stage}", disable=not accelerator.is_local_main_process)
-    model.train()
-    epoch = completed_steps // steps_per_epoch
-    log_clock, steps_since_log = time.perf_counter(), 0
-    # Batches of the resumed epoch that the run had already trained on.
-    batches_to_skip = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
-    while completed_steps < max_steps:
-        train_loader.set_epoch(epoch)
-        collator.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, batches_to_skip) if batches_to_skip else train_loader
-        batches_to_skip = 0
-        for micro_step, batch in enumerate(batches, start=completed_steps * args.gradient_accumulation_steps):
-            # The model's own draws (code replacement, negatives) depend on the step alone, not on what the RNG saw
-            # before (data loaders draw from it too): a resumed run repeats the unbroken one exactly.
-            torch.manual_seed(hash((args.seed, stage, micro_step)) % 2**63)
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            completed_steps += 1
-            steps_since_log += 1
-            progress.update(1)
-            if completed_steps % args.logging_steps == 0 or completed_steps == max_steps:
-                # Training speed alone: the clock restarts after evaluations and checkpoints.
-                cells_per_second = steps_since_log * total_batch_size / (time.perf_counter() - log_clock)
-                record = {"step": completed_steps, "lr": scheduler.get_last_lr()[0], **_loss_parts(output),
-                          "cells_per_second": round(cells_per_second, 1)}
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                _append_log(accelerator, log_file, record)
-                log_clock, steps_since_log = time.perf_counter(), 0
-            if eval_loader is not None and (completed_steps % args.eval_steps == 0 or completed_steps == max_steps):
-                eval_record = {"step": completed_steps, **evaluate(model, eval_loader, accelerator)}
-                _append_log(accelerator, log_file, eval_record)
-                log_clock = time.perf_counter()
-            if completed_steps % args.checkpointing_steps == 0 and completed_steps < max_steps:
-                _save_checkpoint(accelerator, checkpoints / f"step_{completed_steps}")
-                log_clock = time.perf_counter()
-            if completed_steps >= max_steps:
-                break
-        epoch += 1
-    progress.close()
 
-    _check_processes_agree(accelerator, model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(stage_dir)
-        processor.save_pretrained(stage_dir)
-        summary = {
-            "stage": stage,
-            "preset": None if args.init_from else args.preset,
-            "init_from": args.init_from,
-            "config_overrides": args.config_overrides,
-            "steps": completed_steps,
-            "batch_size": total_batch_size,
-            "learning_rate": learning_rate,
-            "num_processes": accelerator.num_processes,
-            "group_by_length": args.group_by_length,
-            "mixed_precision": accelerator.mixed_precision,
-            "train_loss": round(record["loss"], 5),
-            "eval_loss": round(eval_record["eval_loss"], 5) if eval_loader is not None else None,
-            "eval_reconstruction_loss": round(eval_record["eval_reconstruction_loss"], 5) if eval_loader is not None else None,
-            "seed": args.seed,
-        }
-        # Written last, and renamed into place: a stage is finished when its summary is there, so a run killed while
-        # saving the model trains the stage's tail again on resuming.
-        partial = stage_dir / f".{TRAINING_SUMMARY_FILE}.partial"
-        partial.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(partial, stage_dir / TRAINING_SUMMARY_FILE)
-        held_out = (f"held-out loss {summary['eval_loss']:.4f} (reconstruction {summary['eval_reconstruction_loss']:.4f})"
-                    if eval_loader is not None else "no held-out cells")
-        accelerator.print(f"Stage {stage}: {completed_steps} steps, training loss {summary['train_loss']:.4f}, {held_out}; "
-                          f"saved to {stage_dir}")
-    accelerator.wait_for_everyone()
-    # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
-    accelerator.free_memory()
-    return stage_dir
+class _TrainingLoop:
+    """One stage's optimisation: resumes from its newest checkpoint, logs, evaluates and checkpoints on schedule."""
+
+    def __init__(self, stage, args, accelerator, model, optimizer, scheduler, collator, stage_dir, total_batch_size):
+        self.stage, self.args, self.accelerator = stage, args, accelerator
+        self.model, self.optimizer, self.scheduler, self.collator = model, optimizer, scheduler, collator
+        self.stage_dir, self.total_batch_size = stage_dir, total_batch_size
+        self.checkpoints = Path(args.output_dir) / "checkpoints" / f"stage_{stage}"
+        self.log_file = stage_dir / "log.jsonl"
+        self.completed_steps = 0
+
+    def run(self, train_loader, eval_loader, steps_per_epoch: int, max_steps: int) -> tuple[dict, dict | None]:
+        """Trains to `max_steps`; returns the last training log record and the last evaluation (None without one)."""
+        from tqdm.auto import tqdm
+
+        args, accelerator, model = self.args, self.accelerator, self.model
+        resume = _checkpoint_to_resume(args.resume_from_checkpoint, self.checkpoints)
+        if resume is not None:
+            accelerator.load_state(str(resume))
+            self.completed_steps = int(CHECKPOINT_NAME.fullmatch(resume.name).group(1))
+            accelerator.print(f"Resumed stage {self.stage} from {resume} at step {self.completed_steps}")
+        if accelerator.is_main_process:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+        progress = tqdm(total=max_steps, initial=self.completed_steps, desc=f"stage {self.stage}",
+                        disable=not accelerator.is_local_main_process)
+        model.train()
+        epoch = self.completed_steps // steps_per_epoch
+        self.log_clock, self.steps_since_log = time.perf_counter(), 0
+        record, eval_record = None, None
+        # Batches of the resumed epoch that the run had already trained on.
+        batches_to_skip = (self.completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+        while self.completed_steps < max_steps:
+            train_loader.set_epoch(epoch)
+            self.collator.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, batches_to_skip) if batches_to_skip else train_loader
+            batches_to_skip = 0
+            for micro_step, batch in enumerate(batches, start=self.completed_steps * args.gradient_accumulation_steps):
+                output = self._step(micro_step, batch)
+                if not accelerator.sync_gradients:
+                    continue
+                self.completed_steps += 1
+                self.steps_since_log += 1
+                progress.update(1)
+                record = self._log(output, max_steps, progress) or record
+                if eval_loader is not None and (self.completed_steps % args.eval_steps == 0
+                                                or self.completed_steps == max_steps):
+                    eval_record = {"step": self.completed_steps, **evaluate(model, eval_loader, accelerator)}
+                    _append_log(accelerator, self.log_file, eval_record)
+                    self.log_clock = time.perf_counter()
+                if self.completed_steps % args.checkpointing_steps == 0 and self.completed_steps < max_steps:
+                    _save_checkpoint(accelerator, self.checkpoints / f"step_{self.completed_steps}")
+                    self.log_clock = time.perf_counter()
+                if self.completed_steps >= max_steps:
+                    break
+            epoch += 1
+        progress.close()
+        return record, eval_record
+
+    def _step(self, micro_step: int, batch: dict):
+        args, accelerator, model = self.args, self.accelerator, self.model
+        # The model's own draws (code replacement, negatives) depend on the step alone, not on what the RNG saw
+        # before (data loaders draw from it too): a resumed run repeats the unbroken one exactly.
+        torch.manual_seed(hash((args.seed, self.stage, micro_step)) % 2**63)
+        with accelerator.accumulate(model):
+            output = model(**batch)
+            accelerator.backward(output.loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return output
+
+    def _log(self, output, max_steps: int, progress) -> dict | None:
+        """The training log record of this step, written every `logging_steps` and at the last step."""
+        if self.completed_steps % self.args.logging_steps and self.completed_steps != max_steps:
+            return None
+        # Training speed alone: the clock restarts after evaluations and checkpoints.
+        cells_per_second = self.steps_since_log * self.total_batch_size / (time.perf_counter() - self.log_clock)
+        record = {"step": self.completed_steps, "lr": self.scheduler.get_last_lr()[0], **_loss_parts(output),
+                  "cells_per_second": round(cells_per_second, 1)}
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        _append_log(self.accelerator, self.log_file, record)
+        self.log_clock, self.steps_since_log = time.perf_counter(), 0
+        return record
+
+
+def _write_summary(accelerator, stage_dir: Path, summary: dict):
+    """Written last, and renamed into place: a stage is finished when its summary is there, so a run killed while
+    saving the model trains the stage's tail again on resuming."""
+    from .hub_scpalm import TRAINING_SUMMARY_FILE
+
+    partial = stage_dir / f".{TRAINING_SUMMARY_FILE}.partial"
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(partial, stage_dir / TRAINING_SUMMARY_FILE)
+    held_out = (f"held-out loss {summary['eval_loss']:.4f} (reconstruction {summary['eval_reconstruction_loss']:.4f})"
+                if summary["eval_loss"] is not None else "no held-out cells")
+    accelerator.print(f"Stage {summary['stage']}: {summary['steps']} steps, training loss {summary['train_loss']:.4f}, "
+                      f"{held_out}; saved to {stage_dir}")
 
 
 @torch.no_grad()

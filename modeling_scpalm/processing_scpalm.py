@@ -334,4 +334,4 @@ def _check_nonempty(empty: np.ndarray, what: str, first_row: int = 0):
 
 ScPaLMProcessor.register_for_auto_class("AutoFeatureExtractor")  # save_pretrained copies this file beside the config
 
-__all__ = ["ScPaLMProcessor", "GeneMatch", "anndata_gene_ids", "gene_key"]
+__all__ = ["GeneMatch", "ScPaLMProcessor", "anndata_gene_ids", "gene_key"]

@@ -114,4 +114,4 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-__all__ = ["ScPaLMVectorQuantizer", "ScPaLMQuantizerOutput"]
+__all__ = ["ScPaLMQuantizerOutput", "ScPaLMVectorQuantizer"]

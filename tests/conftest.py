@@ -3,11 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from modeling_scpalm import ScPaLMConfig, ScPaLMProcessor  # noqa: E402
+from modeling_scpalm import ScPaLMConfig, ScPaLMProcessor
 
 DATA_DIR = Path(os.environ.get("SCPALM_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -47,21 +48,12 @@ def random_cells(num_cells: int, num_genes: int, density: float = 0.2, seed: int
 
 
 def sparse_inputs(dense: np.ndarray, shuffle_seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Dense cells -> padded (gene_ids, gene_values, attention_mask), optionally in a shuffled gene order per cell."""
-    rng = np.random.default_rng(shuffle_seed)
-    width = int((dense > 0).sum(1).max())
-    gene_ids = np.zeros((len(dense), width), dtype=np.int64)
-    gene_values = np.zeros((len(dense), width), dtype=np.float32)
-    mask = np.zeros((len(dense), width), dtype=bool)
-    for row, cell in enumerate(dense):
-        nonzero = np.flatnonzero(cell)
-        if shuffle_seed is not None:
-            nonzero = rng.permutation(nonzero)
-        gene_ids[row, : len(nonzero)] = nonzero
-        gene_values[row, : len(nonzero)] = cell[nonzero]
-        mask[row, : len(nonzero)] = True
-    return {
-        "gene_ids": torch.from_numpy(gene_ids),
-        "gene_values": torch.from_numpy(gene_values),
-        "attention_mask": torch.from_numpy(mask),
-    }
+    """Dense cells -> padded (gene_ids, gene_values, attention_mask) by the processor's `pad`, optionally with each
+    cell's genes in a shuffled order."""
+    cells = sp.csr_matrix(dense)
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        # A random key within each row, sorted row by row: every cell's genes in their own random order.
+        order = np.lexsort((rng.random(cells.nnz), np.repeat(np.arange(cells.shape[0]), np.diff(cells.indptr))))
+        cells = sp.csr_matrix((cells.data[order], cells.indices[order], cells.indptr), shape=cells.shape)
+    return dict(ScPaLMProcessor.pad(cells))

@@ -162,7 +162,7 @@ def test_drug_response_benchmark_writes_its_report(tmp_path):
     from drug_response import main
 
     from modeling_scpalm import ScPaLMConfig, ScPaLMModel, ScPaLMProcessor
-    from modeling_scpalm.drug_response import load_drug_response_data
+    from modeling_scpalm.tasks.drug_response import load_drug_response_data
 
     from .conftest import data_file
 

@@ -68,7 +68,7 @@ def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_
 
 def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(saved_model, cells_file, pbmc3k_processor,
                                                                            monkeypatch):
-    import modeling_scpalm.inference as inference
+    from modeling_scpalm import inference
 
     _, model = saved_model
     _, cells = cells_file
@@ -256,7 +256,7 @@ def test_embedding_needs_only_the_core_install(saved_model, cells_file, tmp_path
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.h5ad").is_file()
 

@@ -1,5 +1,7 @@
 """h5ad files -> sharded on-disk dataset over one vocabulary; the collator's batches and stage-2 views."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ from modeling_scpalm import (
     ScPaLMConfig,
     ScPaLMDataCollator,
     build_pretraining_dataset,
+    load_batches,
+    load_gene_panels,
     load_pretraining_dataset,
 )
 from modeling_scpalm.data_scpalm import CPU_BATCH_BYTES, INFERENCE_PAD_MULTIPLE, inference_batches
@@ -47,7 +51,7 @@ def test_dataset_holds_every_cell_with_counts_over_one_vocabulary(two_panels, bu
     assert report.files[0].num_dropped_cells == 3 and report.files[1].num_dropped_cells == 0
     assert report.num_train_cells + report.num_eval_cells == 297 + 100
     assert "3 without counts on vocabulary genes dropped" in str(report)
-    dataset, panels = load_pretraining_dataset(output)
+    _dataset, panels = load_pretraining_dataset(output)
     assert len(list((output / "cells" / "train").glob("*.arrow"))) > 1, "sharded"
     assert panels.shape == (2, processor.num_genes)
     # The vocabulary is the union of both panels; each panel marks its own genes.
@@ -82,6 +86,41 @@ def test_bad_inputs_stop_before_any_work(tmp_path, built):
         build_pretraining_dataset([data_file("scrna/pbmc3k_2638.h5ad")], built[0])
     with pytest.raises(FileNotFoundError, match="holds no scPaLM dataset"):
         load_pretraining_dataset(tmp_path)
+
+
+def test_a_batch_key_gives_every_cell_its_batch_across_files(tmp_path):
+    """Batches are the sorted union over the files (a file may have some of them); a cell keeps its own, empty cells
+    dropped included; a file without the column, or with cells without a value, stops the build before any work."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    cells = ad.read_h5ad(data_file("scrna/pbmc_3tech_2000.h5ad"))
+    first = cells[:150].copy()
+    first.X = sp.diags((np.arange(first.n_obs) % 50 != 0).astype(np.int32), dtype=np.int32) @ first.X  # 3 empty cells
+    first.X.eliminate_zeros()
+    first.write_h5ad(tmp_path / "first.h5ad")
+    second = cells[cells.obs["tech"] == "V3"][:40].copy()
+    second.obs["tech"] = second.obs["tech"].astype(str)  # text in one file, categorical in the other
+    second.write_h5ad(tmp_path / "second.h5ad")
+    output = tmp_path / "dataset"
+    _, report = build_pretraining_dataset([tmp_path / "first.h5ad", tmp_path / "second.h5ad"], output,
+                                          eval_fraction=0.0, batch_key="tech", progress=False)
+    batches = load_batches(output)
+    assert batches == sorted({*first.obs["tech"].astype(str), "V3"})
+    assert f"{len(batches)} batches" in str(report)
+    rows = load_pretraining_dataset(output)[0]["train"]
+    expected = [*first.obs["tech"].astype(str)[np.arange(first.n_obs) % 50 != 0], *second.obs["tech"]]
+    assert [batches[b] for _, b in sorted(zip(rows["cell_index"], rows["batch"]))] == expected
+    collated = ScPaLMDataCollator(load_gene_panels(output))([rows[0], rows[1]])
+    assert collated["batch_ids"].tolist() == [rows[0]["batch"], rows[1]["batch"]]
+
+    with pytest.raises(ValueError, match="no obs column 'donor'.*'tech'"):
+        build_pretraining_dataset([tmp_path / "first.h5ad"], tmp_path / "out", batch_key="donor", progress=False)
+    first.obs.iloc[:5, first.obs.columns.get_loc("tech")] = np.nan
+    first.write_h5ad(tmp_path / "holes.h5ad")
+    with pytest.raises(ValueError, match="5 cells have no value in obs\\['tech'\\]"):
+        build_pretraining_dataset([tmp_path / "holes.h5ad"], tmp_path / "out", batch_key="tech", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_normalised_values_are_refused_as_counts(tmp_path):
@@ -186,7 +225,7 @@ def test_inference_batches_sort_cells_by_length_and_keep_cpu_batches_within_the_
         width = lambda rows: -(-max(int(lengths[rows].max()), 1) // INFERENCE_PAD_MULTIPLE) * INFERENCE_PAD_MULTIPLE
         assert all(len(rows) * width(rows) <= max_entries for rows in batches if len(rows) > 1)
         # Greedy: no batch could have taken the next cell.
-        for rows, following in zip(batches, batches[1:]):
+        for rows, following in itertools.pairwise(batches):
             assert (len(rows) + 1) * width(following[:1]) > max_entries
         assert [7] in [list(rows) for rows in batches]
         # Batches padded to one width hold one number of cells (but a width's last): few shapes, reused memory.

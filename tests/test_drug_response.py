@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_scpalm.drug_response import (
+from modeling_scpalm.tasks.drug_response import (
     NUM_ATOM_FEATURES,
     DrugGCN,
     DrugResponseTrainer,
@@ -88,7 +88,7 @@ def test_random_split_holds_out_each_cancer_types_share_without_leaks(data):
     train, validation, test = (set(split[name]) for name in ("train", "validation", "test"))
     assert not (train & validation or train & test or validation & test)
     assert len(train | validation | test) == len(data.pairs)
-    for _, rows in data.pairs.groupby("cancer_type").indices.items():
+    for rows in data.pairs.groupby("cancer_type").indices.values():
         assert abs(len(set(rows) & test) - round(0.05 * len(rows))) <= 1
     assert split["test"].tolist() == random_pair_split(data.pairs, seed=3)["test"].tolist()
 

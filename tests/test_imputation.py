@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import torch
 
 from modeling_scpalm import ScPaLMConfig, ScPaLMForPathwayReconstruction
-from modeling_scpalm.imputation import imputation_scores, impute_with_model, mask_for_imputation, mean_imputation
+from modeling_scpalm.tasks.imputation import imputation_scores, impute_with_model, mask_for_imputation, mean_imputation
 
 
 def test_a_tenth_of_each_cells_nonzeros_is_hidden_on_real_cells(pbmc3k, pbmc3k_processor):

@@ -132,6 +132,67 @@ def test_cell_embedding_pooling(tiny_config, inputs):
         ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_pooling="max")
 
 
+def test_cell_token_from_expression_reads_every_gene_in_any_order(tiny_config, inputs, tmp_path):
+    """e_C + LayerNorm(sum_g x_g w_g): the read sees every gene (the top-k cut is the pathway side's), ignores
+    padding and gene order, reaches h_C in both stage-2 views, and round-trips through save/load."""
+    tiny_config.cell_token_from_expression = True
+    model = ScPaLMForCellPretraining(tiny_config).eval()
+    encoder = model.scpalm.cell_encoder
+    ids, values, mask = inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"].bool()
+    measured = torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    dense = torch.zeros(BATCH, tiny_config.num_genes).scatter_add_(1, ids, values * mask)
+    with torch.no_grad():
+        read = encoder.read_expression(ids, values, mask, measured)
+        torch.testing.assert_close(read, encoder.expression_norm(dense @ encoder.expression_weight))
+        order = torch.randperm(ids.shape[1])
+        shuffled = (ids[:, order], values[:, order], mask[:, order])
+        torch.testing.assert_close(encoder.read_expression(*shuffled, measured), read)
+        padded = [torch.cat([t, t[:, :3]], 1) for t in (ids, values)]
+        padded_mask = torch.cat([mask, torch.zeros(BATCH, 3, dtype=torch.bool)], 1)
+        torch.testing.assert_close(encoder.read_expression(*padded, padded_mask, measured), read)
+        # A gene outside the measured panel is left out, per cell too.
+        measured[ids[0, 0]] = False
+        dense[:, ids[0, 0]] = 0
+        expected = encoder.expression_norm(dense @ encoder.expression_weight)
+        torch.testing.assert_close(encoder.read_expression(ids, values, mask, measured), expected)
+        torch.testing.assert_close(encoder.read_expression(ids, values, mask, measured.expand(BATCH, -1)), expected)
+        kept = model.sample_kept_token_indices(BATCH)
+        with_read = model(**inputs, kept_token_indices=kept).cell_embedding
+        encoder.expression_weight.zero_()
+        assert not torch.allclose(model(**inputs, kept_token_indices=kept).cell_embedding, with_read)
+    model.train()
+    model(**inputs).loss.backward()
+    assert encoder.expression_weight.grad.abs().sum() > 0
+
+    model.save_pretrained(tmp_path)
+    base = ScPaLMModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(base.cell_encoder.expression_weight, encoder.expression_weight)
+    tiny_config.cell_token_from_expression = False  # the paper's constant e_C
+    assert ScPaLMModel(tiny_config).cell_encoder.expression_weight is None
+
+
+def test_batch_conditioned_decoders_need_the_batch_and_use_it(tiny_config, inputs):
+    """With `num_batches`, both decoders add the cell's batch vector; the embedding never sees the batch."""
+    tiny_config.num_batches = 3
+    batch_ids = torch.tensor([0, 1, 2, 1])
+    for head in (ScPaLMForPathwayReconstruction, ScPaLMForCellPretraining):
+        model = head(tiny_config).eval()
+        stage_two = head is ScPaLMForCellPretraining
+        kept = {"kept_token_indices": model.sample_kept_token_indices(BATCH)} if stage_two else {}
+        with torch.no_grad():
+            output = model(**inputs, **kept, batch_ids=batch_ids)
+            other = model(**inputs, **kept, batch_ids=torch.tensor([2, 0, 1, 1]))
+        changed = (output.reconstruction - other.reconstruction).abs().amax(1) > 0
+        assert changed.tolist() == [True, True, True, False]
+        with pytest.raises(ValueError, match="decodes with the cell's batch .*pass `batch_ids`"):
+            model(**inputs, **kept)
+        with pytest.raises(ValueError, match="one id per cell"):
+            model(**inputs, **kept, batch_ids=batch_ids[:2])
+    tiny_config.num_batches = 0
+    with pytest.raises(ValueError, match="configured without batches"):
+        ScPaLMForPathwayReconstruction(tiny_config)(**inputs, batch_ids=batch_ids)
+
+
 def test_decoders_are_told_the_cell_depth(tiny_config, inputs):
     """The depth features are the log share of the panel a cell expresses and its mean expressed value, and they reach
     the reconstruction; `decode_with_depth=False` leaves them out."""
@@ -279,7 +340,8 @@ def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
 

@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import false_discovery_control, hypergeom
 
-from modeling_scpalm.pathways import code_gene_association, enrichment, read_gmt, top_genes
+from modeling_scpalm.tasks.pathways import code_gene_association, enrichment, read_gmt, top_genes
 
 from .conftest import data_file
 
@@ -70,7 +70,7 @@ def test_identify_pathways_runs_appendix_d_on_a_model_and_cells(pbmc3k, pbmc3k_p
     import torch
 
     from modeling_scpalm import ScPaLMConfig, ScPaLMModel
-    from modeling_scpalm.pathways import identify_pathways
+    from modeling_scpalm.tasks.pathways import identify_pathways
 
     torch.manual_seed(0)
     model = ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=pbmc3k_processor.num_genes)).eval()

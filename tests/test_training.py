@@ -54,7 +54,7 @@ def stage_one(split, pbmc3k_processor):
 
 def test_stage_one_beats_the_mean_expression_baseline(split, stage_one):
     train_cells, test_cells, measured = split
-    model, history = stage_one
+    model, _history = stage_one
     mean = np.asarray(train_cells.mean(0)).ravel()
     baseline = float(((test_cells.toarray() - mean) ** 2)[:, measured].mean())
     with torch.no_grad():

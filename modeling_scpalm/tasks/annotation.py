@@ -50,5 +50,5 @@ def cluster_and_score(
             features, labels, metric="cosine", random_state=seed,
             sample_size=silhouette_sample_size if silhouette_sample_size and len(labels) > silhouette_sample_size else None,
         )),
-        "num_clusters": int(len(np.unique(clusters))),
+        "num_clusters": len(np.unique(clusters)),
     }

@@ -14,6 +14,7 @@ and the cell line's expression, in the DeepCDR setting (Liu et al., 2020) that s
 Data handling (tables, splits) and the model live here; `benchmarks/drug_response.py` runs every variant.
 """
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class DrugGCN(nn.Module):
     def __init__(self, units=(256, 256, 256, 100), dropout: float = 0.1):
         super().__init__()
         sizes = [NUM_ATOM_FEATURES, *units]
-        self.convolutions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.convolutions = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.norms = nn.ModuleList(nn.BatchNorm1d(size) for size in units)
         self.dropout = nn.Dropout(dropout)
 
@@ -248,7 +249,7 @@ def random_pair_split(pairs, test_fraction: float = 0.05, validation_fraction: f
     """DeepCDR's split: a share of each cancer type's pairs held out for test (and here one for validation)."""
     rng = np.random.default_rng(seed)
     split = np.full(len(pairs), "train", dtype=object)
-    for _, rows in pairs.groupby("cancer_type").indices.items():
+    for rows in pairs.groupby("cancer_type").indices.values():
         rows = rng.permutation(rows)
         num_test, num_validation = round(test_fraction * len(rows)), round(validation_fraction * len(rows))
         split[rows[:num_test]] = "test"
@@ -396,7 +397,7 @@ def scpalm_cell_line_embeddings(model, processor, log2_tpm, batch_size: int | No
     import anndata
     import scipy.sparse as sp
 
-    from .inference import embed_anndata
+    from ..inference import embed_anndata
 
     values = log2_tpm_to_log_normalized(log2_tpm.to_numpy())
     cells = anndata.AnnData(sp.csr_matrix(values.astype(np.float32)), obs=pd.DataFrame(index=log2_tpm.index.astype(str)),
@@ -406,7 +407,20 @@ def scpalm_cell_line_embeddings(model, processor, log2_tpm, batch_size: int | No
 
 
 __all__ = [
-    "DrugGraph", "smiles_to_graph", "PackedDrugGraphs", "DrugGCN", "DrugResponseRegressor", "DrugResponseData",
-    "load_drug_response_data", "random_pair_split", "cell_line_split", "log2_tpm_to_log_normalized",
-    "DrugResponseTrainer", "drug_mean_baseline", "grouped_pcc", "pearson", "spearman", "scpalm_cell_line_embeddings",
+    "DrugGCN",
+    "DrugGraph",
+    "DrugResponseData",
+    "DrugResponseRegressor",
+    "DrugResponseTrainer",
+    "PackedDrugGraphs",
+    "cell_line_split",
+    "drug_mean_baseline",
+    "grouped_pcc",
+    "load_drug_response_data",
+    "log2_tpm_to_log_normalized",
+    "pearson",
+    "random_pair_split",
+    "scpalm_cell_line_embeddings",
+    "smiles_to_graph",
+    "spearman",
 ]

@@ -108,7 +108,7 @@ def identify_pathways(model, processor, adata, gene_sets, num_genes: int = 10, l
     """
     import pandas as pd
 
-    from .inference import embed_anndata
+    from ..inference import embed_anndata
 
     if isinstance(gene_sets, (str, Path)):
         gene_sets = read_gmt(gene_sets)

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .data_scpalm import inference_batches
+from ..data_scpalm import inference_batches
 
 
 @dataclass
