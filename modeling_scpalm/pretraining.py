@@ -341,6 +341,7 @@ class _TrainingLoop:
         self.checkpoints = Path(args.output_dir) / "checkpoints" / f"stage_{stage}"
         self.log_file = stage_dir / "log.jsonl"
         self.completed_steps = 0
+        self.log_clock, self.steps_since_log = time.perf_counter(), 0  # restarted when training starts
 
     def run(self, train_loader, eval_loader, steps_per_epoch: int, max_steps: int) -> tuple[dict, dict | None]:
         """Trains to `max_steps`; returns the last training log record and the last evaluation (None without one)."""
