@@ -130,8 +130,9 @@ def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normali
         "panel": datasets.Value("int32"),
         "cell_index": datasets.Value("int64"),
     }
-    batch_names = sorted(set().union(*map(set, batches))) if batches else []
+    batch_names = []
     if batches:
+        batch_names = sorted(set().union(*map(set, batches)))
         columns["batch"] = datasets.Value("int32")
         build.batch_codes = [np.searchsorted(batch_names, labels).astype(np.int32) for labels in batches]
     features = datasets.Features(columns)

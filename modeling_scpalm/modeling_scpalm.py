@@ -255,10 +255,7 @@ class ScPaLMCellEncoder(nn.Module):
         the measured panel are left out, as the embedding leaves them out."""
         if self.expression_weight is None:
             return None
-        if measured_gene_mask.dim() == 1:
-            measured = measured_gene_mask[gene_ids]
-        else:
-            measured = measured_gene_mask.gather(1, gene_ids)
+        measured = measured_gene_mask.expand(gene_ids.shape[0], -1).gather(1, gene_ids.long())
         weights = (gene_values * (attention_mask & measured)).to(self.expression_weight.dtype)
         summed = F.embedding_bag(gene_ids.long(), self.expression_weight, per_sample_weights=weights, mode="sum")
         return self.expression_norm(summed)

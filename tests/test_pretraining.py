@@ -194,7 +194,7 @@ def test_init_from_adapts_a_finished_run_to_new_files(unbroken_run, tmp_path):
     assert summary["init_from"] == str(unbroken_run) and summary["preset"] is None
 
 
-def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(tmp_path):
+def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(dataset_dir, tmp_path):
     import anndata as ad
 
     from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
@@ -211,6 +211,10 @@ def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(
     del cells.obs["tech"]  # embedding needs no batch
     processor = ScPaLMProcessor.from_pretrained(output / "model")
     assert embed_anndata(model, processor, cells, progress=False).shape[0] == cells.n_obs
+    # Its batch vectors would not fit a dataset with other batches (here none): refused before training.
+    with pytest.raises(ValueError, match="decodes with 3 batches but the dataset has 0"):
+        main(["--dataset_dir", str(dataset_dir), "--output_dir", str(tmp_path / "other"), "--stage", "2",
+              "--stage_one_model", str(output / "stage_1"), "--max_steps", "2"])
 
 
 def test_config_overrides_build_the_ablation_models(dataset_dir, tmp_path):
