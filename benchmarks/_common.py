@@ -51,8 +51,9 @@ def pbmc3k_dataset(folder: Path, num_cells: int | None = None) -> Path:
     return folder / "dataset"
 
 
-def knn_accuracy(values: np.ndarray, labels: np.ndarray, seed: int = 0, neighbours: int = 5,
-                 standardise: bool = True) -> float:
+def knn_accuracy(
+    values: np.ndarray, labels: np.ndarray, seed: int = 0, neighbours: int = 5, standardise: bool = True
+) -> float:
     """How much of `labels` a representation keeps: 5-fold accuracy of a k-nearest-neighbour classifier on 30
     principal components of `values` (cells x features), standardised per feature unless told not to."""
     from sklearn.decomposition import PCA

@@ -6,7 +6,8 @@
 
 On CPU the default sizes each batch by its gene vectors (`modeling_scpalm.data_scpalm.inference_batches`): cells sorted
 by length, as many as keep the padded batch's gene vectors, in the dtype computed in, within `CPU_BATCH_BYTES`. Every
-run embeds the same cells end to end (gene matching and normalisation included, as a user's call does), the runs taking turns.
+run embeds the same cells end to end (gene matching and normalisation included, as a user's call does), the runs
+taking turns.
 """
 
 import argparse
@@ -24,8 +25,13 @@ def parse_args(argv=None):
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--num_cells", type=int, nargs="+", default=[1024, 256], help="cells embedded, per preset")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
-                        help="autocast dtype (`scpalm embed --dtype`); with several, each batching runs in each")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32"],
+        help="autocast dtype (`scpalm embed --dtype`); with several, each batching runs in each",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64 cells, one repeat: checks it runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -50,21 +56,47 @@ def main(argv=None):
         lengths = np.diff(processor.transform(adata.X, adata.var_names)[0].indptr)
         batch_sizes = {f"{size} cells": size for size in FIXED_BATCH_SIZES} | {"default (by gene vectors' bytes)": None}
         cells_per_batch = {
-            (name, dtype): np.mean([len(rows) for rows in inference_batches(lengths, model.config.hidden_size, device, size, getattr(torch, dtype))])
-            for dtype in args.dtype for name, size in batch_sizes.items()
+            (name, dtype): np.mean(
+                [
+                    len(rows)
+                    for rows in inference_batches(
+                        lengths, model.config.hidden_size, device, size, getattr(torch, dtype)
+                    )
+                ]
+            )
+            for dtype in args.dtype
+            for name, size in batch_sizes.items()
         }
-        runs = {(name, dtype): partial(embed_anndata, model, processor, adata, size, progress=False,
-                                       autocast_dtype=None if dtype == "float32" else getattr(torch, dtype))
-                for dtype in args.dtype for name, size in batch_sizes.items()}
+        runs = {
+            (name, dtype): partial(
+                embed_anndata,
+                model,
+                processor,
+                adata,
+                size,
+                progress=False,
+                autocast_dtype=None if dtype == "float32" else getattr(torch, dtype),
+            )
+            for dtype in args.dtype
+            for name, size in batch_sizes.items()
+        }
         elapsed = interleaved_seconds(runs, repeats=args.repeats)
         reference = elapsed[f"{FIXED_BATCH_SIZES[0]} cells", args.dtype[0]]
-        rows = [[name, dtype, cells_per_batch[name, dtype], seconds, num_cells / seconds, reference / seconds]
-                for (name, dtype), seconds in elapsed.items()]
+        rows = [
+            [name, dtype, cells_per_batch[name, dtype], seconds, num_cells / seconds, reference / seconds]
+            for (name, dtype), seconds in elapsed.items()
+        ]
         print_table(
             f"embed_anndata on {num_cells:,} pbmc3k cells (mean {lengths.mean():,.0f} non-zero genes), preset {preset} "
             f"(hidden {model.config.hidden_size}), cpu",
-            ["batches", "dtype", "mean cells per batch", "seconds", "cells/s",
-             f"speed vs {FIXED_BATCH_SIZES[0]} cells, {args.dtype[0]}"],
+            [
+                "batches",
+                "dtype",
+                "mean cells per batch",
+                "seconds",
+                "cells/s",
+                f"speed vs {FIXED_BATCH_SIZES[0]} cells, {args.dtype[0]}",
+            ],
             rows,
             note=f"Command: {command_line('batching.py', argv)}",
         )

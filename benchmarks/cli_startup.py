@@ -52,8 +52,12 @@ def main(argv=None):
     medians = {name: statistics.median(values) for name, values in times.items()}
     reference = medians["python -c pass (reference)"]
     rows = [[name, median, median / reference] for name, median in medians.items()]
-    print_table("Start-up of the scpalm command (median wall-clock seconds, fresh process each run)",
-                ["command", "seconds", "vs python -c pass"], rows, note=f"Command: {command_line('cli_startup.py', argv)}")
+    print_table(
+        "Start-up of the scpalm command (median wall-clock seconds, fresh process each run)",
+        ["command", "seconds", "vs python -c pass"],
+        rows,
+        note=f"Command: {command_line('cli_startup.py', argv)}",
+    )
     return medians
 
 

@@ -60,8 +60,14 @@ def measure_pipeline(args, dataset_dir) -> dict[str, float]:
         for stage in (1, 2):
             for workers in (0, 2):
                 collator = ScPaLMDataCollator.for_stage(config, panels, stage, seed=0)
-                loader = DataLoader(dataset["train"], batch_size=args.batch_size, collate_fn=collator,
-                                    num_workers=workers, shuffle=not streaming, persistent_workers=False)
+                loader = DataLoader(
+                    dataset["train"],
+                    batch_size=args.batch_size,
+                    collate_fn=collator,
+                    num_workers=workers,
+                    shuffle=not streaming,
+                    persistent_workers=False,
+                )
                 start, cells = time.perf_counter(), 0
                 for batch in loader:
                     cells += batch["gene_ids"].shape[0]
@@ -86,8 +92,12 @@ def training_cells_per_second(args, dataset_dir) -> float:
     torch.manual_seed(0)
     model = ScPaLMForPathwayReconstruction(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True,
-                        collate_fn=ScPaLMDataCollator.for_stage(config, panels, 1))
+    loader = DataLoader(
+        dataset["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=ScPaLMDataCollator.for_stage(config, panels, 1),
+    )
     batches = [batch for _, batch in zip(range(4), loader)]
     step = partial(training_step, model, optimizer, iter(batches), torch.float32)
     return args.batch_size / seconds(step, repeats=3, warmup=1)

@@ -68,10 +68,16 @@ DATASETS = [
     Dataset("pbmc_3tech", ["scrna/pbmc_3tech_2000.h5ad"], "pbmc_3tech", "PBMCs from three 10x chemistries, 3 types"),
     Dataset("mixology_celseq2", ["scrna/mixology_sc_celseq2.h5ad"], "mixology_3cl", "3 cell lines, CEL-seq2"),
     Dataset("mixology_dropseq", ["scrna/mixology_sc_dropseq.h5ad"], "mixology_3cl", "the same 3 lines, Drop-seq"),
-    Dataset("mixology_5cl", [f"scrna/mixology_sc_celseq2_5cl_p{plate}.h5ad" for plate in (1, 2, 3)], "mixology_5cl",
-            "5 cell lines, CEL-seq2, three plates"),
+    Dataset(
+        "mixology_5cl",
+        [f"scrna/mixology_sc_celseq2_5cl_p{plate}.h5ad" for plate in (1, 2, 3)],
+        "mixology_5cl",
+        "5 cell lines, CEL-seq2, three plates",
+    ),
     Dataset("pbmc_4271_anon", ["scrna/pbmc_4271_top2000_anon.h5ad"], None, "PBMCs, 8 types, 2,000 unnamed genes"),
-    Dataset("worm_neuron_anon", ["scrna/worm_neuron_4186_anon.h5ad"], None, "C. elegans neurons, 10 types, unnamed genes"),
+    Dataset(
+        "worm_neuron_anon", ["scrna/worm_neuron_4186_anon.h5ad"], None, "C. elegans neurons, 10 types, unnamed genes"
+    ),
 ]
 QUICK_DATASETS = ["pbmc3k", "mixology_dropseq", "pbmc_4271_anon"]
 
@@ -79,12 +85,15 @@ QUICK_DATASETS = ["pbmc3k", "mixology_dropseq", "pbmc_4271_anon"]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the report, figures and models go")
-    parser.add_argument("--data_dir", default=str(DATA_DIR), help="the shared data folder (default: $SCPALM_DATA_DIR "
-                        "or ../shared/data)")
+    parser.add_argument(
+        "--data_dir", default=str(DATA_DIR), help="the shared data folder (default: $SCPALM_DATA_DIR or ../shared/data)"
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--max_steps", type=int, default=300, help="pretraining steps per stage (zero-shot, ablations)")
     parser.add_argument("--adapt_steps", type=int, default=150, help="adaptation steps per stage, at most ...")
-    parser.add_argument("--adapt_epochs", type=float, default=10, help="... and at most this many passes over the cells")
+    parser.add_argument(
+        "--adapt_epochs", type=float, default=10, help="... and at most this many passes over the cells"
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--scvi_epochs", type=int, default=200)
@@ -133,8 +142,14 @@ class Benchmark:
         self.figures.mkdir(parents=True, exist_ok=True)
         self.datasets = [d for d in DATASETS if not args.quick or d.name in QUICK_DATASETS]
         self.cells = {}  # name -> AnnData of raw counts
-        self.results = {"annotation": [], "ablations": {}, "imputation": [], "pathways": {}, "memory": [],
-                        "training_minutes": {}}
+        self.results = {
+            "annotation": [],
+            "ablations": {},
+            "imputation": [],
+            "pathways": {},
+            "memory": [],
+            "training_minutes": {},
+        }
 
     # -- data and models -------------------------------------------------------------------------------------
 
@@ -162,10 +177,26 @@ class Benchmark:
             return run_dir
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's leftovers
         steps = steps or self.args.max_steps
-        command = ["--output_dir", str(run_dir), "--preset", self.args.preset, "--max_steps", str(steps),
-                   "--per_device_batch_size", str(self.args.batch_size), "--learning_rate", str(self.args.learning_rate),
-                   "--eval_steps", str(steps), "--checkpointing_steps", str(steps),
-                   "--logging_steps", str(max(1, steps // 20)), "--seed", str(self.args.seed)]
+        command = [
+            "--output_dir",
+            str(run_dir),
+            "--preset",
+            self.args.preset,
+            "--max_steps",
+            str(steps),
+            "--per_device_batch_size",
+            str(self.args.batch_size),
+            "--learning_rate",
+            str(self.args.learning_rate),
+            "--eval_steps",
+            str(steps),
+            "--checkpointing_steps",
+            str(steps),
+            "--logging_steps",
+            str(max(1, steps // 20)),
+            "--seed",
+            str(self.args.seed),
+        ]
         for file in train_files:
             command += ["--train_file", file]
         for option, value in options.items():
@@ -184,8 +215,12 @@ class Benchmark:
                 self.pretrain(f"without_{group}", others)
         for dataset in self.datasets:
             if dataset.group:
-                self.pretrain(f"adapted_{dataset.name}", [self.data_file(dataset.name)], self.adapt_steps(dataset.name),
-                              init_from=self.output_dir / "models" / f"without_{dataset.group}")
+                self.pretrain(
+                    f"adapted_{dataset.name}",
+                    [self.data_file(dataset.name)],
+                    self.adapt_steps(dataset.name),
+                    init_from=self.output_dir / "models" / f"without_{dataset.group}",
+                )
             else:
                 self.pretrain(f"trained_on_{dataset.name}", [self.data_file(dataset.name)])
 
@@ -198,7 +233,9 @@ class Benchmark:
         from modeling_scpalm import ScPaLMForPathwayReconstruction, ScPaLMModel, ScPaLMProcessor
 
         if head == "stage_1":
-            return ScPaLMForPathwayReconstruction.from_pretrained(run_dir / "stage_1"), ScPaLMProcessor.from_pretrained(run_dir / "stage_1")
+            return ScPaLMForPathwayReconstruction.from_pretrained(run_dir / "stage_1"), ScPaLMProcessor.from_pretrained(
+                run_dir / "stage_1"
+            )
         return ScPaLMModel.from_pretrained(run_dir / "model"), ScPaLMProcessor.from_pretrained(run_dir / "model")
 
     def embed(self, run_dir: Path, adata, representation: str = "cell_embedding") -> np.ndarray:
@@ -236,8 +273,10 @@ class Benchmark:
         log_normalized = peers.log_normalize(adata.X)
         seed = self.args.seed
         if dataset.group:
-            scpalm = {"scPaLM zero-shot": partial(self.embed, models / f"without_{dataset.group}", adata),
-                      "scPaLM adapted": partial(self.embed, models / f"adapted_{dataset.name}", adata)}
+            scpalm = {
+                "scPaLM zero-shot": partial(self.embed, models / f"without_{dataset.group}", adata),
+                "scPaLM adapted": partial(self.embed, models / f"adapted_{dataset.name}", adata),
+            }
         else:
             scpalm = {"scPaLM (trained on it)": partial(self.embed, models / f"trained_on_{dataset.name}", adata)}
         return {
@@ -257,14 +296,25 @@ class Benchmark:
         adata, cells = self.cells["pbmc3k"].copy(), [self.data_file("pbmc3k")]
         full = self.pretrain("ablation_full", cells)
         variants = {
-            "with_contrastive": self.pretrain("ablation_with_contrastive", stage="2", stage_one_model=full / "stage_1",
-                                              dataset_dir=full / "dataset", config_overrides="contrastive_loss_weight=1"),
-            "no_encoder": self.pretrain("ablation_no_encoder", cells, config_overrides="pathway_encoder_num_hidden_layers=0"),
+            "with_contrastive": self.pretrain(
+                "ablation_with_contrastive",
+                stage="2",
+                stage_one_model=full / "stage_1",
+                dataset_dir=full / "dataset",
+                config_overrides="contrastive_loss_weight=1",
+            ),
+            "no_encoder": self.pretrain(
+                "ablation_no_encoder", cells, config_overrides="pathway_encoder_num_hidden_layers=0"
+            ),
             "no_quantizer": self.pretrain("ablation_no_quantizer", cells, config_overrides="use_quantizer=false"),
             "no_encoder_no_quantizer": self.pretrain(
-                "ablation_no_encoder_no_quantizer", cells,
-                config_overrides="pathway_encoder_num_hidden_layers=0,use_quantizer=false"),
-            "shared_first_layer": self.pretrain("ablation_shared_first_layer", cells, config_overrides="share_value_projection=true"),
+                "ablation_no_encoder_no_quantizer",
+                cells,
+                config_overrides="pathway_encoder_num_hidden_layers=0,use_quantizer=false",
+            ),
+            "shared_first_layer": self.pretrain(
+                "ablation_shared_first_layer", cells, config_overrides="share_value_projection=true"
+            ),
         }
         representations = {
             "pathway tokens, mean": (full, "pathway_mean"),
@@ -272,14 +322,20 @@ class Benchmark:
             "pathway encoder output, mean (before the quantizer)": (full, "encoder_mean"),
             "h_C, with the contrastive loss (weight 1)": (variants["with_contrastive"], "cell_embedding"),
             "h_C": (full, "cell_embedding"),
-            **{f"h_C, {name}": (run_dir, "cell_embedding") for name, run_dir in variants.items() if name != "with_contrastive"},
+            **{
+                f"h_C, {name}": (run_dir, "cell_embedding")
+                for name, run_dir in variants.items()
+                if name != "with_contrastive"
+            },
         }
         scores = self.results["ablations"]
         for name, (run_dir, representation) in representations.items():
             key = f"X_ablation_{len(scores)}"
             adata.obsm[key] = self.embed(run_dir, adata, representation)
-            scores[name] = {**cluster_and_score(adata, key, "cell_type", seed=self.args.seed),
-                            "dimensions": int(adata.obsm[key].shape[1])}
+            scores[name] = {
+                **cluster_and_score(adata, key, "cell_type", seed=self.args.seed),
+                "dimensions": int(adata.obsm[key].shape[1]),
+            }
             print(name, scores[name], flush=True)
 
     # -- section 4.4 ------------------------------------------------------------------------------------------
@@ -304,22 +360,33 @@ class Benchmark:
         # scPaLM adapted on what the peers see: the masked cells, never the hidden values.
         masked_file = self.output_dir / "data" / "pbmc3k_masked.h5ad"
         anndata.AnnData(masked.cells, obs=adata.obs, var=adata.var).write_h5ad(masked_file)
-        adapted = self.pretrain("imputation_adapted", [str(masked_file)], self.adapt_steps("pbmc3k"), stage="1",
-                                init_from=zero_shot, is_normalized=True)
+        adapted = self.pretrain(
+            "imputation_adapted",
+            [str(masked_file)],
+            self.adapt_steps("pbmc3k"),
+            stage="1",
+            init_from=zero_shot,
+            is_normalized=True,
+        )
 
         # The hidden values on genes the model's vocabulary holds are what every method is scored on.
         _, processor = self.model(zero_shot, "stage_1")
         vocabulary_index = processor.match_genes(adata.var_names, anndata_gene_ids(adata)).vocabulary_index
         scored = vocabulary_index[masked.columns] >= 0
         rows, columns, truth = masked.rows[scored], masked.columns[scored], masked.values[scored]
-        vocabulary_cells, measured = processor.transform(masked.cells, adata.var_names, anndata_gene_ids(adata), is_normalized=True)
+        vocabulary_cells, measured = processor.transform(
+            masked.cells, adata.var_names, anndata_gene_ids(adata), is_normalized=True
+        )
         in_vocabulary = MaskedCells(vocabulary_cells, rows, vocabulary_index[columns], truth)
         predictions = {
             "scPaLM zero-shot": lambda: impute_with_model(*self.model(zero_shot, "stage_1"), in_vocabulary, measured),
             "scPaLM adapted (on the masked cells)": lambda: impute_with_model(
-                *self.model(adapted, "stage_1"), in_vocabulary, measured),
+                *self.model(adapted, "stage_1"), in_vocabulary, measured
+            ),
             "MAGIC": lambda: peers.magic_imputation(masked.cells, rows, columns, self.args.seed),
-            "kNN smoothing (15 neighbours)": lambda: peers.knn_imputation(masked.cells, rows, columns, seed=self.args.seed),
+            "kNN smoothing (15 neighbours)": lambda: peers.knn_imputation(
+                masked.cells, rows, columns, seed=self.args.seed
+            ),
             "gene mean": lambda: mean_imputation(masked)[scored],
         }
         for method, predict in predictions.items():
@@ -364,8 +431,15 @@ class Benchmark:
             batch = cells_over_vocabulary(self.cells["pbmc3k"], num_genes, batch_size)
             for variant in ("permutation-invariant", "shared first layer", "per-gene tokens"):
                 peak = embedding_training_peak(preset, num_genes, batch, variant)
-                self.results["memory"].append({"preset": preset, "genes": num_genes, "batch": batch_size,
-                                               "embedding": variant, "peak_mib": round(mib(peak), 1)})
+                self.results["memory"].append(
+                    {
+                        "preset": preset,
+                        "genes": num_genes,
+                        "batch": batch_size,
+                        "embedding": variant,
+                        "peak_mib": round(mib(peak), 1),
+                    }
+                )
 
     # -- report -----------------------------------------------------------------------------------------------
 
@@ -387,17 +461,23 @@ def embedding_training_peak(preset: str, num_genes: int, batch: dict, variant: s
     from modeling_scpalm.embedding_scpalm import ScPaLMEmbeddings
     from modeling_scpalm.modeling_scpalm import ScPaLMTransformer
 
-    config = ScPaLMConfig.from_preset(preset, num_genes=num_genes, share_value_projection=variant == "shared first layer")
+    config = ScPaLMConfig.from_preset(
+        preset, num_genes=num_genes, share_value_projection=variant == "shared first layer"
+    )
     config._attn_implementation = "sdpa"
     with fake_tensors() as fake_mode:
-        embeddings, encoder = ScPaLMEmbeddings(config), ScPaLMTransformer(config, config.pathway_encoder_num_hidden_layers)
+        embeddings, encoder = (
+            ScPaLMEmbeddings(config),
+            ScPaLMTransformer(config, config.pathway_encoder_num_hidden_layers),
+        )
         inputs = {key: fake_mode.from_tensor(value) for key, value in batch.items()}
         with PeakTensorMemory() as tracker:
             if variant == "per-gene tokens":
                 tokens = embeddings.dense_gene_vectors(inputs["dense"])
             else:
-                tokens = embeddings(inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"],
-                                    inputs["measured_gene_mask"])
+                tokens = embeddings(
+                    inputs["gene_ids"], inputs["gene_values"], inputs["attention_mask"], inputs["measured_gene_mask"]
+                )
             encoder(tokens)[0].sum().backward()
     return tracker.peak
 
@@ -437,7 +517,9 @@ def plot_annotation(rows: list[dict], path: Path):
     width = 0.8 / len(methods)
     for axis, metric in zip(axes, ("ari", "nmi")):
         for offset, method in enumerate(methods):
-            values = [next((r[metric] for r in rows if r["dataset"] == d and r["method"] == method), np.nan) for d in datasets]
+            values = [
+                next((r[metric] for r in rows if r["dataset"] == d and r["method"] == method), np.nan) for d in datasets
+            ]
             axis.bar(np.arange(len(datasets)) + offset * width, values, width, label=method)
         axis.set_xticks(np.arange(len(datasets)) + 0.4 - width / 2, datasets, rotation=30, ha="right", fontsize=8)
         axis.set_ylabel(metric.upper())
@@ -474,13 +556,17 @@ def render_report(bench: Benchmark, argv) -> str:
         f"Command: `{command}`  ",
         f"Machine: {environment()}  ",
         f"Wall time: {results['minutes']} min; preset `{args.preset}`, {args.max_steps} pretraining steps per stage "
-        f"(adaptation: {args.adapt_steps}, at most {args.adapt_epochs:g} epochs), batch {args.batch_size}, learning rate {args.learning_rate}, seed {args.seed}"
-        + (" (**--quick**: 120 cells per dataset, a check that it runs, not a result)" if args.quick else "") + ".",
+        f"(adaptation: {args.adapt_steps}, at most {args.adapt_epochs:g} epochs), batch {args.batch_size}, "
+        f"learning rate {args.learning_rate}, seed {args.seed}"
+        + (" (**--quick**: 120 cells per dataset, a check that it runs, not a result)" if args.quick else "")
+        + ".",
         "",
         "## Unsupervised cell-type annotation (section 4.2)",
         "",
-        ("Leiden at resolution 1.0 on each representation's 15-neighbour graph; ARI / NMI against `cell_type`. "
-        "Zero-shot: pretrained on the other datasets only; adapted: then trained on this dataset without labels."),
+        (
+            "Leiden at resolution 1.0 on each representation's 15-neighbour graph; ARI / NMI against `cell_type`. "
+            "Zero-shot: pretrained on the other datasets only; adapted: then trained on this dataset without labels."
+        ),
         "",
     ]
     annotation = results["annotation"]
@@ -492,55 +578,138 @@ def render_report(bench: Benchmark, argv) -> str:
         cells_row = [f"{dataset.name} ({cells.n_obs:,} cells, {cells.obs['cell_type'].nunique()} types)"]
         for method in methods:
             row = next((r for r in annotation if r["dataset"] == dataset.name and r["method"] == method), None)
-            cells_row.append("" if row is None else "not run" if "ari" not in row else f"{row['ari']:.3f} / {row['nmi']:.3f}")
+            cells_row.append(
+                "" if row is None else "not run" if "ari" not in row else f"{row['ari']:.3f} / {row['nmi']:.3f}"
+            )
         summary.append(cells_row)
     lines += [markdown_table(["dataset"] + [f"{m} ARI / NMI" for m in methods], summary), ""]
     lines += ["Every row, with the silhouette of the labels (cosine) and the number of clusters:", ""]
-    lines += [markdown_table(
-        ["dataset", "method", "ARI", "NMI", "silhouette", "clusters", "embedding s"],
-        [[r["dataset"], r["method"], *((r["ari"], r["nmi"], r["silhouette"], r["num_clusters"], r["embed_seconds"])
-                                        if "ari" in r else (r["not_run"], "", "", "", ""))] for r in annotation],
-    ), "", "![annotation](figures/annotation.png)", ""]
+    lines += [
+        markdown_table(
+            ["dataset", "method", "ARI", "NMI", "silhouette", "clusters", "embedding s"],
+            [
+                [
+                    r["dataset"],
+                    r["method"],
+                    *(
+                        (r["ari"], r["nmi"], r["silhouette"], r["num_clusters"], r["embed_seconds"])
+                        if "ari" in r
+                        else (r["not_run"], "", "", "", "")
+                    ),
+                ]
+                for r in annotation
+            ],
+        ),
+        "",
+        "![annotation](figures/annotation.png)",
+        "",
+    ]
     lines += [f"![{d.name}](figures/umap_{d.name}.png)" for d in bench.datasets] + [""]
 
     if results["ablations"]:
-        lines += ["## Ablations on pbmc3k (Tables 2, 3, 5 and 6)", "",
-                  f"Models trained on pbmc3k alone ({args.max_steps} steps per stage), one change each.", ""]
-        lines += [markdown_table(
-            ["representation / model", "ARI", "NMI", "silhouette", "clusters", "dimensions"],
-            [[name, s["ari"], s["nmi"], s["silhouette"], s["num_clusters"], s["dimensions"]] for name, s in results["ablations"].items()],
-        ), ""]
+        lines += [
+            "## Ablations on pbmc3k (Tables 2, 3, 5 and 6)",
+            "",
+            f"Models trained on pbmc3k alone ({args.max_steps} steps per stage), one change each.",
+            "",
+        ]
+        lines += [
+            markdown_table(
+                ["representation / model", "ARI", "NMI", "silhouette", "clusters", "dimensions"],
+                [
+                    [name, s["ari"], s["nmi"], s["silhouette"], s["num_clusters"], s["dimensions"]]
+                    for name, s in results["ablations"].items()
+                ],
+            ),
+            "",
+        ]
     if results["memory"]:
-        lines += ["### Embedding memory (Table 6)", "",
-                  ("Peak tensor memory of a training step (forward and backward) through the embedding and the pathway "
-                  "encoder, counted under FakeTensorMode with SDPA attention; weights not counted, gradients counted. "
-                  "Per-gene tokens: every vocabulary gene is a token of the encoder (scFoundation's layout)."), ""]
-        lines += [markdown_table(["preset", "genes", "batch", "embedding", "peak MiB"],
-                                 [[m["preset"], m["genes"], m["batch"], m["embedding"], m["peak_mib"]] for m in results["memory"]]), ""]
+        lines += [
+            "### Embedding memory (Table 6)",
+            "",
+            (
+                "Peak tensor memory of a training step (forward and backward) through the embedding and the pathway "
+                "encoder, counted under FakeTensorMode with SDPA attention; weights not counted, gradients counted. "
+                "Per-gene tokens: every vocabulary gene is a token of the encoder (scFoundation's layout)."
+            ),
+            "",
+        ]
+        lines += [
+            markdown_table(
+                ["preset", "genes", "batch", "embedding", "peak MiB"],
+                [[m["preset"], m["genes"], m["batch"], m["embedding"], m["peak_mib"]] for m in results["memory"]],
+            ),
+            "",
+        ]
 
     if results["imputation"]:
         first = results["imputation"][0]
-        lines += ["## Imputation on pbmc3k (section 4.4, Table 1)", "",
-                  (f"10% of each cell's non-zero values hidden (drawn with weight exp(-x)), {first['hidden_values']:,} in "
-                  f"all; scored on the {first['scored_values']:,} whose gene the scPaLM vocabulary holds, log-normalised "
-                  "scale. Every method is fitted on the masked cells only (zero-shot scPaLM never saw pbmc3k)."), ""]
-        lines += [markdown_table(["method", "RMSE", "MAE", "seconds"],
-                                 [[r["method"], r.get("rmse", r.get("not_run")), r.get("mae", ""), r.get("seconds", "")]
-                                  for r in results["imputation"]]), "", "![imputation](figures/imputation.png)", ""]
+        lines += [
+            "## Imputation on pbmc3k (section 4.4, Table 1)",
+            "",
+            (
+                f"10% of each cell's non-zero values hidden (drawn with weight exp(-x)), {first['hidden_values']:,} in "
+                f"all; scored on the {first['scored_values']:,} whose gene the scPaLM vocabulary holds, log-normalised "
+                "scale. Every method is fitted on the masked cells only (zero-shot scPaLM never saw pbmc3k)."
+            ),
+            "",
+        ]
+        lines += [
+            markdown_table(
+                ["method", "RMSE", "MAE", "seconds"],
+                [
+                    [r["method"], r.get("rmse", r.get("not_run")), r.get("mae", ""), r.get("seconds", "")]
+                    for r in results["imputation"]
+                ],
+            ),
+            "",
+            "![imputation](figures/imputation.png)",
+            "",
+        ]
 
     if results["pathways"]:
-        lines += ["## Pathway identification on pbmc3k (section 4.5, Appendix D)", "",
-                  ("Each code's 10 top genes (association matrix of Appendix D) tested for over-representation in the "
-                  "1,654 Reactome sets of MSigDB (hypergeometric, against the 13,714 genes measured), Benjamini-"
-                  "Hochberg over all tests."), ""]
+        lines += [
+            "## Pathway identification on pbmc3k (section 4.5, Appendix D)",
+            "",
+            (
+                "Each code's 10 top genes (association matrix of Appendix D) tested for over-representation in the "
+                "1,654 Reactome sets of MSigDB (hypergeometric, against the 13,714 genes measured), Benjamini-"
+                "Hochberg over all tests."
+            ),
+            "",
+        ]
         for name, found in results["pathways"].items():
-            lines += [(f"**{name}**: {found['codes_used']} codes used; {len(found['significant'])} (code, pathway) "
-                      "pairs with adjusted p < 0.05. Strongest:"), ""]
-            lines += [markdown_table(["code", "top genes", "Reactome set", "overlap", "p", "adjusted p"],
-                                     [[r["code"], r["top_genes"], r["gene_set"], r["overlap"], f"{r['p_value']:.2g}",
-                                       f"{r['adjusted_p_value']:.2g}"] for r in found["best"]]), ""]
+            lines += [
+                (
+                    f"**{name}**: {found['codes_used']} codes used; {len(found['significant'])} (code, pathway) "
+                    "pairs with adjusted p < 0.05. Strongest:"
+                ),
+                "",
+            ]
+            lines += [
+                markdown_table(
+                    ["code", "top genes", "Reactome set", "overlap", "p", "adjusted p"],
+                    [
+                        [
+                            r["code"],
+                            r["top_genes"],
+                            r["gene_set"],
+                            r["overlap"],
+                            f"{r['p_value']:.2g}",
+                            f"{r['adjusted_p_value']:.2g}",
+                        ]
+                        for r in found["best"]
+                    ],
+                ),
+                "",
+            ]
 
-    lines += ["## Training time", "", markdown_table(["model", "minutes"], list(results["training_minutes"].items())), ""]
+    lines += [
+        "## Training time",
+        "",
+        markdown_table(["model", "minutes"], list(results["training_minutes"].items())),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -20,8 +20,15 @@ from pathlib import Path
 import numpy as np
 from _common import DATA_DIR, command_line, environment, knn_accuracy, markdown_table
 
-SCRNA_FILES = ["pbmc3k_2638.h5ad", "pbmc_3tech_2000.h5ad", "mixology_sc_celseq2.h5ad", "mixology_sc_dropseq.h5ad",
-               "mixology_sc_celseq2_5cl_p1.h5ad", "mixology_sc_celseq2_5cl_p2.h5ad", "mixology_sc_celseq2_5cl_p3.h5ad"]
+SCRNA_FILES = [
+    "pbmc3k_2638.h5ad",
+    "pbmc_3tech_2000.h5ad",
+    "mixology_sc_celseq2.h5ad",
+    "mixology_sc_dropseq.h5ad",
+    "mixology_sc_celseq2_5cl_p1.h5ad",
+    "mixology_sc_celseq2_5cl_p2.h5ad",
+    "mixology_sc_celseq2_5cl_p3.h5ad",
+]
 VARIANTS = {  # name -> cell-line feature sets
     "expression (DeepCDR)": ["expression"],
     "scPaLM embedding": ["scpalm"],
@@ -34,13 +41,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--data_dir", default=str(DATA_DIR), help="the shared data folder ($SCPALM_DATA_DIR)")
-    parser.add_argument("--scpalm_model", help="a saved scPaLM model folder (model + processor); default: pretrain "
-                        "one on the human single-cell datasets of --data_dir")
+    parser.add_argument(
+        "--scpalm_model",
+        help="a saved scPaLM model folder (model + processor); default: pretrain "
+        "one on the human single-cell datasets of --data_dir",
+    )
     parser.add_argument("--pretrain_steps", type=int, default=400, help="steps per stage when pretraining it")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--splits", nargs="+", default=["random", "cell_line"], choices=["random", "cell_line"])
-    parser.add_argument("--batch_size", type=int, default=256, help="DeepCDR used 64; 256 is 4x fewer drug-graph "
-                        "passes per epoch on a CPU")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=256,
+        help="DeepCDR used 64; 256 is 4x fewer drug-graph passes per epoch on a CPU",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--max_epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=5, help="epochs without a better validation PCC")
@@ -87,10 +101,15 @@ def main(argv=None):
         "scpalm": scpalm_cell_line_embeddings(model, processor, data.log2_tpm),
     }
     splitters = {"random": random_pair_split, "cell_line": cell_line_split}
-    results = {"pairs": len(data.pairs), "cell_lines": int(data.pairs["cell_line"].nunique()),
-               "drugs": int(data.pairs["drug"].nunique()), "scpalm_model": str(model_dir),
-               "scpalm_gene_match": str(match),
-               "cancer_type_accuracy": cancer_type_accuracy(data.pairs, features, args.seed), "runs": []}
+    results = {
+        "pairs": len(data.pairs),
+        "cell_lines": int(data.pairs["cell_line"].nunique()),
+        "drugs": int(data.pairs["drug"].nunique()),
+        "scpalm_model": str(model_dir),
+        "scpalm_gene_match": str(match),
+        "cancer_type_accuracy": cancer_type_accuracy(data.pairs, features, args.seed),
+        "runs": [],
+    }
     print("cancer type from the cell-line features alone:", results["cancer_type_accuracy"], flush=True)
     predictions = {}
     for split_name in args.splits:
@@ -100,8 +119,14 @@ def main(argv=None):
         candidates = {"drug mean (baseline)": (lambda split=split: (drug_mean_baseline(data.pairs, split), []))}
         for variant in args.variants:
             trainer = DrugResponseTrainer(
-                data, {name: features[name] for name in VARIANTS[variant]}, batch_size=args.batch_size,
-                learning_rate=args.learning_rate, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed)
+                data,
+                {name: features[name] for name in VARIANTS[variant]},
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                max_epochs=args.max_epochs,
+                patience=args.patience,
+                seed=args.seed,
+            )
 
             def train_and_predict(trainer=trainer, split=split):
                 model, history = trainer.fit(split)
@@ -112,21 +137,35 @@ def main(argv=None):
             clock = time.perf_counter()
             predicted, history = run()
             predictions[split_name, variant] = predicted
-            row = {"split": split_name, "variant": variant, "pcc": pearson(predicted, observed),
-                   "spearman": spearman(predicted, observed),
-                   "rmse": float(np.sqrt(np.mean((predicted - observed) ** 2))), "epochs": len(history),
-                   "minutes": round((time.perf_counter() - clock) / 60, 2), "test_pairs": len(observed),
-                   # Undefined for the baseline: its predictions are constant within a drug.
-                   "median_pcc_per_drug": None if not history else float(grouped_pcc(test, predicted, "drug").median()),
-                   "median_pcc_per_cancer_type": float(grouped_pcc(test, predicted, "cancer_type").median()),
-                   "history": history}
+            row = {
+                "split": split_name,
+                "variant": variant,
+                "pcc": pearson(predicted, observed),
+                "spearman": spearman(predicted, observed),
+                "rmse": float(np.sqrt(np.mean((predicted - observed) ** 2))),
+                "epochs": len(history),
+                "minutes": round((time.perf_counter() - clock) / 60, 2),
+                "test_pairs": len(observed),
+                # Undefined for the baseline: its predictions are constant within a drug.
+                "median_pcc_per_drug": None if not history else float(grouped_pcc(test, predicted, "drug").median()),
+                "median_pcc_per_cancer_type": float(grouped_pcc(test, predicted, "cancer_type").median()),
+                "history": history,
+            }
             results["runs"].append(row)
             print({k: v for k, v in row.items() if k != "history"}, flush=True)
         if split_name == "random" and {"expression (DeepCDR)", "scPaLM embedding"} <= set(args.variants):
-            figure_six(test, predictions[split_name, "expression (DeepCDR)"], predictions[split_name, "scPaLM embedding"],
-                       output_dir / "figures" / "figure6_pcc_by_group.png")
-            figure_seven(test, predictions[split_name, "expression (DeepCDR)"], predictions[split_name, "scPaLM embedding"],
-                         output_dir / "figures" / "figure7_best_cancer_type.png")
+            figure_six(
+                test,
+                predictions[split_name, "expression (DeepCDR)"],
+                predictions[split_name, "scPaLM embedding"],
+                output_dir / "figures" / "figure6_pcc_by_group.png",
+            )
+            figure_seven(
+                test,
+                predictions[split_name, "expression (DeepCDR)"],
+                predictions[split_name, "scPaLM embedding"],
+                output_dir / "figures" / "figure7_best_cancer_type.png",
+            )
     results["minutes"] = round((time.perf_counter() - started) / 60, 1)
     (output_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (output_dir / "report.md").write_text(render_report(args, argv, results, pd))
@@ -150,10 +189,24 @@ def pretrain_scpalm(args, run_dir: Path) -> Path:
 
     scrna = Path(args.data_dir) / "scrna"
     files = [str(scrna / name) for name in (SCRNA_FILES[:2] if args.quick else SCRNA_FILES)]
-    command = ["--output_dir", str(run_dir), "--preset", "tiny", "--max_steps", str(args.pretrain_steps),
-               "--per_device_batch_size", "16" if args.quick else "64", "--learning_rate", "2e-3",
-               "--eval_steps", str(args.pretrain_steps), "--checkpointing_steps", str(args.pretrain_steps),
-               "--seed", str(args.seed)]
+    command = [
+        "--output_dir",
+        str(run_dir),
+        "--preset",
+        "tiny",
+        "--max_steps",
+        str(args.pretrain_steps),
+        "--per_device_batch_size",
+        "16" if args.quick else "64",
+        "--learning_rate",
+        "2e-3",
+        "--eval_steps",
+        str(args.pretrain_steps),
+        "--checkpointing_steps",
+        str(args.pretrain_steps),
+        "--seed",
+        str(args.seed),
+    ]
     for file in files:
         command += ["--train_file", file]
     return pretrain(command)
@@ -169,8 +222,9 @@ def figure_six(test, expression_predicted, scpalm_predicted, path):
     from modeling_scpalm.tasks.drug_response import grouped_pcc
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 4.3))
-    for axis, (by, title) in zip(axes, [("cell_line", "per cell line"), ("cancer_type", "per cancer type"),
-                                        ("drug", "per drug")]):
+    for axis, (by, title) in zip(
+        axes, [("cell_line", "per cell line"), ("cancer_type", "per cancer type"), ("drug", "per drug")]
+    ):
         minimum = 5 if by == "cell_line" else 10
         expression = grouped_pcc(test, expression_predicted, by, minimum)
         scpalm = grouped_pcc(test, scpalm_predicted, by, minimum).reindex(expression.index)
@@ -178,8 +232,11 @@ def figure_six(test, expression_predicted, scpalm_predicted, path):
         low = float(np.nanmin([expression.min(), scpalm.min(), 0]))
         axis.plot([low, 1], [low, 1], color="red", linewidth=1)
         better = int((scpalm > expression).sum())
-        axis.set(xlabel="PCC, expression (DeepCDR)", ylabel="PCC, scPaLM embedding",
-                 title=f"{title}: scPaLM higher in {better} of {len(expression)}")
+        axis.set(
+            xlabel="PCC, expression (DeepCDR)",
+            ylabel="PCC, scPaLM embedding",
+            title=f"{title}: scPaLM higher in {better} of {len(expression)}",
+        )
     figure.suptitle("Held-out pairs (random split): Pearson correlation of predicted and observed ln(IC50)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -196,12 +253,16 @@ def figure_seven(test, expression_predicted, scpalm_predicted, path):
     rows = (test["cancer_type"] == best).to_numpy()
     observed = test["ln_ic50"].to_numpy()[rows]
     figure, axes = plt.subplots(1, 2, figsize=(9, 4.3), sharex=True, sharey=True)
-    for axis, (name, predicted) in zip(axes, [("expression (DeepCDR)", expression_predicted),
-                                              ("scPaLM embedding", scpalm_predicted)]):
+    for axis, (name, predicted) in zip(
+        axes, [("expression (DeepCDR)", expression_predicted), ("scPaLM embedding", scpalm_predicted)]
+    ):
         axis.scatter(observed, predicted[rows], s=8, alpha=0.6)
-        axis.set(xlabel="observed ln(IC50)", ylabel="predicted ln(IC50)",
-                 title=f"{name}\nPCC {pearson(predicted[rows], observed):.3f}, "
-                       f"Spearman {spearman(predicted[rows], observed):.3f}")
+        axis.set(
+            xlabel="observed ln(IC50)",
+            ylabel="predicted ln(IC50)",
+            title=f"{name}\nPCC {pearson(predicted[rows], observed):.3f}, "
+            f"Spearman {spearman(predicted[rows], observed):.3f}",
+        )
     figure.suptitle(f"{best}: {rows.sum()} held-out pairs (random split)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -212,36 +273,64 @@ def render_report(args, argv, results, pd) -> str:
     command = command_line("drug_response.py", argv)
     runs = results["runs"]
     table = markdown_table(
-        ["split", "cell-line input", "PCC", "Spearman", "RMSE", "median PCC per drug", "median PCC per cancer type",
-         "epochs", "minutes"],
-        [[r["split"], r["variant"], r["pcc"], r["spearman"], r["rmse"], r["median_pcc_per_drug"] or "undefined",
-          r["median_pcc_per_cancer_type"], r["epochs"], r["minutes"]] for r in runs],
+        [
+            "split",
+            "cell-line input",
+            "PCC",
+            "Spearman",
+            "RMSE",
+            "median PCC per drug",
+            "median PCC per cancer type",
+            "epochs",
+            "minutes",
+        ],
+        [
+            [
+                r["split"],
+                r["variant"],
+                r["pcc"],
+                r["spearman"],
+                r["rmse"],
+                r["median_pcc_per_drug"] or "undefined",
+                r["median_pcc_per_cancer_type"],
+                r["epochs"],
+                r["minutes"],
+            ]
+            for r in runs
+        ],
     )
     figures = "![Figure 6](figures/figure6_pcc_by_group.png)\n\n![Figure 7](figures/figure7_best_cancer_type.png)"
-    return "\n".join([
-        "# Drug response (IC50) in the DeepCDR setting",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {environment()}  ",
-        f"{results['pairs']:,} (cell line, drug) pairs: {results['cell_lines']} cell lines x {results['drugs']} drugs; "
-        f"batch {args.batch_size}, Adam {args.learning_rate}, at most {args.max_epochs} epochs, early stopping after "
-        f"{args.patience} without a better validation PCC; seed {args.seed}; {results['minutes']} min in all"
-        + (" (**--quick**: a check that it runs, not a result)" if args.quick else "") + ".",
-        "",
-        f"scPaLM model: `{results['scpalm_model']}`; the bulk profiles' genes: {results['scpalm_gene_match']}.",
-        "",
-        "How much of a cell line each input keeps, before any drug: 5-fold accuracy of a 5-nearest-neighbour "
-        "classifier of the line's cancer type (30 principal components; types with at least 5 lines): "
-        + ", ".join(f"{name} {value:.3f}" for name, value in results["cancer_type_accuracy"].items()) + ".",
-        "",
-        table,
-        "",
-        ("PCC and Spearman over all test pairs; the per-drug and per-cancer-type medians over groups with at least "
-        "10 test pairs."),
-        "",
-        figures,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Drug response (IC50) in the DeepCDR setting",
+            "",
+            f"Command: `{command}`  ",
+            f"Machine: {environment()}  ",
+            f"{results['pairs']:,} (cell line, drug) pairs: "
+            f"{results['cell_lines']} cell lines x {results['drugs']} drugs; batch {args.batch_size}, "
+            f"Adam {args.learning_rate}, at most {args.max_epochs} epochs, early stopping after "
+            f"{args.patience} without a better validation PCC; seed {args.seed}; {results['minutes']} min in all"
+            + (" (**--quick**: a check that it runs, not a result)" if args.quick else "")
+            + ".",
+            "",
+            f"scPaLM model: `{results['scpalm_model']}`; the bulk profiles' genes: {results['scpalm_gene_match']}.",
+            "",
+            "How much of a cell line each input keeps, before any drug: 5-fold accuracy of a 5-nearest-neighbour "
+            "classifier of the line's cancer type (30 principal components; types with at least 5 lines): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in results["cancer_type_accuracy"].items())
+            + ".",
+            "",
+            table,
+            "",
+            (
+                "PCC and Spearman over all test pairs; the per-drug and per-cancer-type medians over groups with "
+                "at least 10 test pairs."
+            ),
+            "",
+            figures,
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

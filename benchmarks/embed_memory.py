@@ -52,8 +52,12 @@ def peak_rss(arguments: list[str], log: Path) -> tuple[float, float]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     start = time.perf_counter()
     with log.open("w") as output:  # a file, not a pipe: nobody reads a pipe until the process ends
-        process = subprocess.Popen([sys.executable, "-m", "modeling_scpalm.cli", "embed", *arguments], env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modeling_scpalm.cli", "embed", *arguments],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
         _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -77,8 +81,10 @@ def main(argv=None):
         for num_cells in args.num_cells:
             source, output = folder / f"cells_{num_cells}.h5ad", folder / f"embedded_{num_cells}.h5ad"
             write_cells(source, num_cells)
-            gib, elapsed = peak_rss(["--model", str(folder / "model"), "--input", str(source), "--output", str(output)],
-                                    folder / "embed.log")
+            gib, elapsed = peak_rss(
+                ["--model", str(folder / "model"), "--input", str(source), "--output", str(output)],
+                folder / "embed.log",
+            )
             rows.append([num_cells, source.stat().st_size / 2**30, gib, elapsed, num_cells / elapsed])
             source.unlink()
             output.unlink()

@@ -3,7 +3,8 @@
     python benchmarks/inference.py                          # tiny preset, all 2,638 pbmc3k cells, CPU
     python benchmarks/inference.py --compile                # adds scPaLM and the reference under torch.compile
     python benchmarks/inference.py --quick                  # seconds: what CI runs
-    python benchmarks/inference.py --preset paper --device cuda --dtype bfloat16 --batch_size 128 --num_cells 48082 --repeats 1
+    python benchmarks/inference.py --preset paper --device cuda --dtype bfloat16 --batch_size 128 \\
+        --num_cells 48082 --repeats 1
 
 The last is the CellPLM paper's table at the paper's size: seconds to embed 48,082 cells on one GPU.
 
@@ -37,9 +38,13 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="also time scPaLM and the Geneformer-shaped reference "
-                        "under torch.compile (dynamic shapes: one compilation for every batch length; compile time is "
-                        "in the warm-up)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time scPaLM and the Geneformer-shaped reference "
+        "under torch.compile (dynamic shapes: one compilation for every batch length; compile time is "
+        "in the warm-up)",
+    )
     parser.add_argument("--quick", action="store_true", help="32 cells, one repeat: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -62,8 +67,14 @@ def main(argv=None):
     config = ScPaLMConfig.from_preset(args.preset, num_genes=processor.num_genes)
     models = {
         "scPaLM": (ScPaLMModel(config), scpalm_inputs(processor, cells, batches, measured)),
-        "Geneformer-shaped, ragged": (bert_like(config, GENEFORMER_CONTEXT), geneformer_inputs(cells, batches, ragged=True)),
-        "Geneformer-shaped, full 2,048": (bert_like(config, GENEFORMER_CONTEXT), geneformer_inputs(cells, batches, ragged=False)),
+        "Geneformer-shaped, ragged": (
+            bert_like(config, GENEFORMER_CONTEXT),
+            geneformer_inputs(cells, batches, ragged=True),
+        ),
+        "Geneformer-shaped, full 2,048": (
+            bert_like(config, GENEFORMER_CONTEXT),
+            geneformer_inputs(cells, batches, ragged=False),
+        ),
         "scGPT-shaped, ragged": (ScGPTShaped(config), scgpt_inputs(cells, batches, ragged=True)),
         "scGPT-shaped, full 1,200": (ScGPTShaped(config), scgpt_inputs(cells, batches, ragged=False)),
     }
@@ -81,23 +92,41 @@ def main(argv=None):
     with torch.no_grad():
         elapsed = interleaved_seconds(runs, repeats=args.repeats)
         # Off CUDA, memory is counted by a dispatch mode, under which compiled code runs eagerly: not its memory.
-        memory = {name: None if name.endswith("torch.compile") and device.type != "cuda" else peak_memory(run, device)
-                  for name, run in longest.items()}
+        memory = {
+            name: None if name.endswith("torch.compile") and device.type != "cuda" else peak_memory(run, device)
+            for name, run in longest.items()
+        }
         # Compiled models compute the same function as their eager rows.
         flops = {name: None if name.endswith("torch.compile") else model_flops(run) for name, run in runs.items()}
     results = {name: (elapsed[name], memory[name], tokens[name], flops[name]) for name in models}
 
     reference_time, reference_memory, _, _ = results["Geneformer-shaped, ragged"]
     rows = [
-        [name, f"{tokens:,.0f}", "as eager" if flops is None else f"{flops / len(order) / 1e9:.3g}", elapsed,
-         len(order) / elapsed, reference_time / elapsed]
+        [
+            name,
+            f"{tokens:,.0f}",
+            "as eager" if flops is None else f"{flops / len(order) / 1e9:.3g}",
+            elapsed,
+            len(order) / elapsed,
+            reference_time / elapsed,
+        ]
         + (["not measured"] * 2 if memory is None else [mib(memory), memory / reference_memory])
         for name, (elapsed, memory, tokens, flops) in results.items()
     ]
     print_table(
         f"Embedding {len(order):,} pbmc3k cells, preset {args.preset} (hidden {config.hidden_size}, "
-        f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads), batch {args.batch_size}, {args.dtype}, {device}",
-        ["model", "tokens per cell", "model GFLOP per cell", "seconds", "cells/s", "speed vs Geneformer ragged", "peak MiB (longest batch)", "memory vs Geneformer ragged"],
+        f"{config.num_hidden_layers} layers, {config.num_attention_heads} heads), batch {args.batch_size}, "
+        f"{args.dtype}, {device}",
+        [
+            "model",
+            "tokens per cell",
+            "model GFLOP per cell",
+            "seconds",
+            "cells/s",
+            "speed vs Geneformer ragged",
+            "peak MiB (longest batch)",
+            "memory vs Geneformer ragged",
+        ],
         rows,
         note="scPaLM's tokens: N pathway tokens per encoder (its embedding reads every expressed gene). Model FLOPs: "
         "matrix products and attention, as torch's FlopCounterMode counts them. "
@@ -144,12 +173,16 @@ class ScGPTShaped(torch.nn.Module):
         super().__init__()
         self.gene_embeddings = torch.nn.Embedding(config.num_genes + 2, config.hidden_size, padding_idx=0)
         self.value_encoder = torch.nn.Sequential(
-            torch.nn.Linear(1, config.hidden_size), torch.nn.ReLU(), torch.nn.Linear(config.hidden_size, config.hidden_size)
+            torch.nn.Linear(1, config.hidden_size),
+            torch.nn.ReLU(),
+            torch.nn.Linear(config.hidden_size, config.hidden_size),
         )
         self.encoder = bert_like(config, SCGPT_CONTEXT).encoder
 
     def forward(self, input_ids, values, attention_mask):
-        states = self.gene_embeddings(input_ids) + self.value_encoder(values.unsqueeze(-1).to(self.gene_embeddings.weight.dtype))
+        states = self.gene_embeddings(input_ids) + self.value_encoder(
+            values.unsqueeze(-1).to(self.gene_embeddings.weight.dtype)
+        )
         mask = attention_mask[:, None, None, :].bool()
         return self.encoder(states, attention_mask=mask).last_hidden_state[:, 0]
 
@@ -164,7 +197,9 @@ def scpalm_inputs(processor, cells, batches, measured):
 
 def geneformer_inputs(cells, batches, ragged: bool):
     """Each cell's expressed genes by decreasing value over the gene's typical non-zero value (Geneformer's rank)."""
-    nonzero_mean = np.bincount(cells.indices, cells.data, cells.shape[1]) / np.maximum(np.bincount(cells.indices, minlength=cells.shape[1]), 1)
+    nonzero_mean = np.bincount(cells.indices, cells.data, cells.shape[1]) / np.maximum(
+        np.bincount(cells.indices, minlength=cells.shape[1]), 1
+    )
     ranked = []
     for row in range(cells.shape[0]):
         genes = cells.indices[cells.indptr[row] : cells.indptr[row + 1]]
@@ -185,7 +220,9 @@ def scgpt_inputs(cells, batches, ragged: bool):
     batches_out = []
     for rows in batches:
         batch = _token_batch([sequences[row] for row in rows], [values[row] for row in rows], SCGPT_CONTEXT, ragged)
-        batches_out.append({"input_ids": batch["input_ids"], "values": batch.pop("values"), "attention_mask": batch["attention_mask"]})
+        batches_out.append(
+            {"input_ids": batch["input_ids"], "values": batch.pop("values"), "attention_mask": batch["attention_mask"]}
+        )
     return batches_out
 
 

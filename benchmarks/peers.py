@@ -39,8 +39,9 @@ def pca(log_normalized, num_components: int, seed: int = 0) -> np.ndarray:
     return sc.pp.pca(sp.csr_matrix(log_normalized), n_comps=num_components, random_state=seed)
 
 
-def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int = 2000,
-                batch_key: str | None = None) -> np.ndarray:
+def scvi_latent(
+    counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int = 2000, batch_key: str | None = None
+) -> np.ndarray:
     """scVI's latent means (10 dimensions) of the cells, trained on their highly variable genes' raw counts; with
     `batch_key`, conditioned on the batches (`obs[batch_key]`) and the genes chosen within each."""
     try:
@@ -53,21 +54,30 @@ def scvi_latent(counts_adata, max_epochs: int, seed: int = 0, num_top_genes: int
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     if adata.n_vars > num_top_genes:
         try:
-            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True,
-                                        batch_key=batch_key)
+            sc.pp.highly_variable_genes(
+                adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, batch_key=batch_key
+            )
         except ValueError:  # the loess fit can be singular on a few hundred cells: smooth over all of them
-            sc.pp.highly_variable_genes(adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, span=1.0,
-                                        batch_key=batch_key)
+            sc.pp.highly_variable_genes(
+                adata, n_top_genes=num_top_genes, flavor="seurat_v3", subset=True, span=1.0, batch_key=batch_key
+            )
     scvi.settings.seed = seed
     scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
     model = scvi.model.SCVI(adata)
-    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, logger=False,
-                enable_checkpointing=False)
+    model.train(
+        max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, logger=False, enable_checkpointing=False
+    )
     return model.get_latent_representation()
 
 
-def mlp_autoencoder(log_normalized, seconds: float, seed: int = 0, num_top_genes: int = 2000, batch_size: int = 64,
-                    max_steps: int | None = None) -> np.ndarray:
+def mlp_autoencoder(
+    log_normalized,
+    seconds: float,
+    seed: int = 0,
+    num_top_genes: int = 2000,
+    batch_size: int = 64,
+    max_steps: int | None = None,
+) -> np.ndarray:
     """The 64-dimensional bottleneck of an MLP autoencoder (genes -> 256 -> 64 -> 256 -> genes, MSE, AdamW at 1e-3)
     on the log-normalised values of the most variable genes, trained for `seconds` of wall-clock time (at least one
     step): the simplest learned embedding at a given budget."""
@@ -108,8 +118,9 @@ def harmony(representation: np.ndarray, batches, seed: int = 0) -> np.ndarray:
     import pandas as pd
 
     meta = pd.DataFrame({"batch": np.asarray(batches).astype(str)})
-    result = harmonypy.run_harmony(np.asarray(representation, dtype=np.float64), meta, ["batch"], random_state=seed,
-                                   verbose=False)
+    result = harmonypy.run_harmony(
+        np.asarray(representation, dtype=np.float64), meta, ["batch"], random_state=seed, verbose=False
+    )
     corrected = np.asarray(result.Z_corr)
     return corrected.T if corrected.shape[0] != len(meta) else corrected
 
@@ -127,8 +138,14 @@ def magic_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.
     return np.asarray(smoothed)[rows, columns]
 
 
-def knn_imputation(masked_cells: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray, num_neighbors: int = 15,
-                   num_components: int = 50, seed: int = 0) -> np.ndarray:
+def knn_imputation(
+    masked_cells: sp.csr_matrix,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    num_neighbors: int = 15,
+    num_components: int = 50,
+    seed: int = 0,
+) -> np.ndarray:
     """Each hidden value as the mean of that gene over the cell's `num_neighbors` nearest cells (PCA space)."""
     from sklearn.neighbors import NearestNeighbors
 

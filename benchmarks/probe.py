@@ -5,12 +5,11 @@
     python benchmarks/probe.py --quick                    # seconds: what CI runs
 
 On pbmc3k's labelled cells, each representation's cell-type accuracy (`knn_accuracy`: 5-fold, 5 neighbours, 30
-principal components of the values as they are, as scanpy's neighbours read an embedding): the embedding's N tokens, the pathway encoder's output, the
-quantized pathway tokens, their codes (one-hot per slot) and h_C. Beside them: the majority type, the
-log-normalised values themselves, and a random sketch at the model's width, the log-normalised values times a
-random (genes x hidden) matrix, averaged over the cell's expressed genes: what a softmax pool that attends evenly
-over the genes can carry at that width (an untrained embedding is close to one).
-"""
+principal components of the values as they are, as scanpy's neighbours read an embedding): the embedding's N tokens,
+the pathway encoder's output, the quantized pathway tokens, their codes (one-hot per slot) and h_C. Beside them: the
+majority type, the log-normalised values themselves, and a random sketch at the model's width, the log-normalised
+values times a random (genes x hidden) matrix, averaged over the cell's expressed genes: what a softmax pool that
+attends evenly over the genes can carry at that width (an untrained embedding is close to one). """
 
 import argparse
 
@@ -62,16 +61,25 @@ def main(argv=None):
     def accuracy(values):
         return knn_accuracy(values, labels, args.seed, standardise=False)
 
-    rows = [["majority type", "", (labels == max(set(labels), key=list(labels).count)).mean()],
-            ["log-normalised values", "", accuracy(cells.toarray())],
-            [f"random sketch, width {config.hidden_size}", "", accuracy(random_sketch(cells, config.hidden_size, args.seed))]]
+    rows = [
+        ["majority type", "", (labels == max(set(labels), key=list(labels).count)).mean()],
+        ["log-normalised values", "", accuracy(cells.toarray())],
+        [
+            f"random sketch, width {config.hidden_size}",
+            "",
+            accuracy(random_sketch(cells, config.hidden_size, args.seed)),
+        ],
+    ]
     for name, model in models.items():
         for stage, values in representations(model, processor, cells, measured, args.batch_size).items():
             rows.append([stage, name, accuracy(values)])
     source = args.model or f"untrained preset {args.preset}"
-    print_table(f"Cell-type probe on {len(labels):,} pbmc3k cells ({len(set(labels))} types): {source}",
-                ["representation", "model", "accuracy"], rows,
-                note=f"Command: {command_line('probe.py', argv)}")
+    print_table(
+        f"Cell-type probe on {len(labels):,} pbmc3k cells ({len(set(labels))} types): {source}",
+        ["representation", "model", "accuracy"],
+        rows,
+        note=f"Command: {command_line('probe.py', argv)}",
+    )
 
 
 def representations(model, processor, cells: sp.csr_matrix, measured: np.ndarray, batch_size: int) -> dict:
@@ -81,8 +89,11 @@ def representations(model, processor, cells: sp.csr_matrix, measured: np.ndarray
     parts = {stage: [] for stage in (*STAGES, "pathway codes, one-hot")}
     with torch.no_grad():
         for start in range(0, cells.shape[0], batch_size):
-            output = model(**processor.pad(cells[start : start + batch_size]), measured_gene_mask=measured,
-                           output_hidden_states=True)
+            output = model(
+                **processor.pad(cells[start : start + batch_size]),
+                measured_gene_mask=measured,
+                output_hidden_states=True,
+            )
             for stage, read in STAGES.items():
                 parts[stage].append(read(output).numpy())
             if output.pathway_codes is not None:

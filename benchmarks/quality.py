@@ -37,7 +37,11 @@ from _common import DATA_DIR, command_line, environment, markdown_table
 from downstream import DATASETS
 
 SCPALM_READOUTS = ["cell_embedding", "encoder_mean", "pathway_mean"]
-READOUT_ROWS = {"cell_embedding": "scPaLM h_C", "encoder_mean": "scPaLM encoder_mean", "pathway_mean": "scPaLM pathway_mean"}
+READOUT_ROWS = {
+    "cell_embedding": "scPaLM h_C",
+    "encoder_mean": "scPaLM encoder_mean",
+    "pathway_mean": "scPaLM pathway_mean",
+}
 LEIDEN_SEEDS = 3
 
 
@@ -76,7 +80,9 @@ def main(argv=None):
                 continue
             rows = score_dataset(dataset.name, adata, output_dir, seed, args, done)
             rerun = {(row["dataset"], row["method"], row["seed"]) for row in rows}
-            results["rows"] = [row for row in results["rows"] if (row["dataset"], row["method"], row["seed"]) not in rerun]
+            results["rows"] = [
+                row for row in results["rows"] if (row["dataset"], row["method"], row["seed"]) not in rerun
+            ]
             results["rows"] += rows
             results_file.write_text(json.dumps(results, indent=1) + "\n")  # after every dataset: a rerun resumes
     results["command"] = command_line("quality.py", argv)
@@ -96,7 +102,9 @@ def load_cells(dataset, data_dir: Path, folder: Path, quick: bool):
         folder.mkdir(parents=True, exist_ok=True)
         adata = dataset.read(data_dir)
         if quick:
-            adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, min(200, adata.n_obs), replace=False))].copy()
+            adata = adata[
+                np.sort(np.random.default_rng(0).choice(adata.n_obs, min(200, adata.n_obs), replace=False))
+            ].copy()
         adata.obs = adata.obs[["cell_type"]].astype(str).astype("category")
         adata.write_h5ad(path)
     return anndata.read_h5ad(path)
@@ -104,7 +112,9 @@ def load_cells(dataset, data_dir: Path, folder: Path, quick: bool):
 
 def methods(seed: int) -> list[str]:
     """The rows of one dataset and training seed."""
-    pca = ["PCA (50)", "PCA (256)"] if seed == 0 else []  # deterministic up to the Leiden seeds, which rows average over
+    pca = (
+        ["PCA (50)", "PCA (256)"] if seed == 0 else []
+    )  # deterministic up to the Leiden seeds, which rows average over
     return [READOUT_ROWS[readout] for readout in SCPALM_READOUTS] + pca + ["MLP autoencoder (same time)", "scVI"]
 
 
@@ -129,8 +139,11 @@ def score_dataset(name: str, adata, output_dir: Path, seed: int, args, done: set
         for readout in SCPALM_READOUTS:
             add(READOUT_ROWS[readout], embedded[readout], train_seconds=round(seconds, 1))
         if wanted("MLP autoencoder (same time)"):
-            add("MLP autoencoder (same time)", peers.mlp_autoencoder(log_normalized, seconds, seed),
-                train_seconds=round(seconds, 1))
+            add(
+                "MLP autoencoder (same time)",
+                peers.mlp_autoencoder(log_normalized, seconds, seed),
+                train_seconds=round(seconds, 1),
+            )
     for components in (50, 256):
         if f"PCA ({components})" in methods(seed) and wanted(f"PCA ({components})"):
             add(f"PCA ({components})", peers.pca(log_normalized, components, seed))
@@ -148,8 +161,20 @@ def pretrain_and_embed(adata, cells_file: Path, run_dir: Path, seed: int, quick:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    pretrain = [sys.executable, "-m", "modeling_scpalm.cli", "pretrain", "--train_file", str(cells_file),
-                "--output_dir", str(run_dir), "--preset", "tiny", "--seed", str(seed)]
+    pretrain = [
+        sys.executable,
+        "-m",
+        "modeling_scpalm.cli",
+        "pretrain",
+        "--train_file",
+        str(cells_file),
+        "--output_dir",
+        str(run_dir),
+        "--preset",
+        "tiny",
+        "--seed",
+        str(seed),
+    ]
     if quick:
         pretrain += ["--max_steps", "3"]
     started = time.perf_counter()
@@ -178,17 +203,30 @@ def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str
     knn = cross_val_score(KNeighborsClassifier(5), representation, labels, cv=folds).mean()
     adata = anndata.AnnData(obs={"cell_type": labels}, obsm={"X_rep": representation})
     leiden = [cluster_and_score(adata, "X_rep", "cell_type", seed=seed * LEIDEN_SEEDS + s) for s in range(LEIDEN_SEEDS)]
-    return {"knn": float(knn), **{key: float(np.mean([run[key] for run in leiden])) for key in ("ari", "nmi", "silhouette")}}
+    return {
+        "knn": float(knn),
+        **{key: float(np.mean([run[key] for run in leiden])) for key in ("ari", "nmi", "silhouette")},
+    }
 
 
 def report(results: dict, datasets: list[str]) -> str:
     rows = results["rows"]
     present = {row["method"] for row in rows}
     methods_in_order = [method for method in methods(0) if method in present]
-    legend = ("Mean over training seeds (range in brackets where more than one). kNN: 5-fold 5-NN cell-type accuracy; "
-              "ARI, NMI: Leiden at resolution 1.0 (mean of three Leiden seeds); silhouette of the labels (cosine).")
-    lines = ["# Cell-embedding quality", "", f"Command: `{results['command']}`", "", f"Machine: {results['environment']}",
-             "", legend, ""]
+    legend = (
+        "Mean over training seeds (range in brackets where more than one). kNN: 5-fold 5-NN cell-type accuracy; "
+        "ARI, NMI: Leiden at resolution 1.0 (mean of three Leiden seeds); silhouette of the labels (cosine)."
+    )
+    lines = [
+        "# Cell-embedding quality",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {results['environment']}",
+        "",
+        legend,
+        "",
+    ]
     for metric in ("knn", "ari", "nmi", "silhouette"):
         table = []
         for method in methods_in_order:
@@ -214,6 +252,7 @@ def _summary(values: list[float]) -> str:
 def _wins(rows: list[dict], datasets: list[str]) -> str:
     """On how many datasets h_C's mean meets each target: at least PCA-50's kNN, ARI and NMI, and a kNN accuracy at
     most 0.03 below the autoencoder trained for the same time."""
+
     def mean(method, name, metric):
         values = [row[metric] for row in rows if row["method"] == method and row["dataset"] == name]
         return np.mean(values) if values else np.nan

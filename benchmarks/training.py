@@ -39,13 +39,25 @@ def parse_args(argv=None):
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 2 warm-up steps)")
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
-                        help="autocast dtype; with several, each configuration runs in each, timed in turn")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32"],
+        help="autocast dtype; with several, each configuration runs in each, timed in turn",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="also time each stage under torch.compile (dynamic "
-                        "shapes; compilation happens in the warm-up steps)")
-    parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in --dtype, for the MFU column "
-                        "(default: known for bfloat16 on H200, H100 SXM and A100)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each stage under torch.compile (dynamic shapes; compilation happens in the warm-up steps)",
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        help="the device's peak TFLOP/s in --dtype, for the MFU column "
+        "(default: known for bfloat16 on H200, H100 SXM and A100)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny only, small batches: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
@@ -56,7 +68,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        dataset_dir = pbmc3k_dataset(Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None)
+        dataset_dir = pbmc3k_dataset(
+            Path(folder), num_cells=4 * args.batch_size * (args.steps + 2) if args.quick else None
+        )
         results = measure(args, dataset_dir)
     reference, _ = results[args.presets[0], 1, "eager", args.dtype[0]]
     rows = []
@@ -64,12 +78,34 @@ def main(argv=None):
         peak = args.peak_tflops or peak_tflops(torch.device(args.device), getattr(torch, dtype))
         tflops = flops / step_seconds / 1e12
         utilisation = f"{tflops / peak:.1%}" if peak else "no peak known"
-        rows.append([preset, stage, mode, dtype, f"{1e3 * step_seconds:,.0f} ms", args.batch_size / step_seconds,
-                     reference / step_seconds, flops / 1e9, tflops, utilisation])
+        rows.append(
+            [
+                preset,
+                stage,
+                mode,
+                dtype,
+                f"{1e3 * step_seconds:,.0f} ms",
+                args.batch_size / step_seconds,
+                reference / step_seconds,
+                flops / 1e9,
+                tflops,
+                utilisation,
+            ]
+        )
     print_table(
         f"Training steps on pbmc3k cells (batch {args.batch_size}, {args.device})",
-        ["preset", "stage", "mode", "dtype", "time per step", "cells/s",
-         f"speed vs {args.presets[0]} stage 1, eager, {args.dtype[0]}", "model GFLOP per step", "model TFLOP/s", "MFU"],
+        [
+            "preset",
+            "stage",
+            "mode",
+            "dtype",
+            "time per step",
+            "cells/s",
+            f"speed vs {args.presets[0]} stage 1, eager, {args.dtype[0]}",
+            "model GFLOP per step",
+            "model TFLOP/s",
+            "MFU",
+        ],
         rows,
         note=f"Command: {command_line('training.py', argv)}",
     )
@@ -98,9 +134,14 @@ def measure(args, dataset_dir):
             collator = ScPaLMDataCollator.for_stage(config, panels, stage, seed=0)
             torch.manual_seed(0)
             loader = DataLoader(dataset["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
-            batches = [{key: value.to(device) for key, value in batch.items()} for _, batch in zip(range(args.steps + 2), loader)]
+            batches = [
+                {key: value.to(device) for key, value in batch.items()}
+                for _, batch in zip(range(args.steps + 2), loader)
+            ]
             steps, models = {}, {}
-            for mode, dtype in itertools.product(("eager", "torch.compile") if args.compile else ("eager",), args.dtype):
+            for mode, dtype in itertools.product(
+                ("eager", "torch.compile") if args.compile else ("eager",), args.dtype
+            ):
                 torch.manual_seed(0)
                 models[mode, dtype] = model = model_class(config).to(device).train()
                 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -112,8 +153,9 @@ def measure(args, dataset_dir):
             # Counted once, after the timing, on the batches timed: the compiled model does its eager twin's FLOPs,
             # and autocast changes no product's shape.
             first_dtype = args.dtype[0]
-            flops = statistics.mean(step_flops(models["eager", first_dtype], batch, getattr(torch, first_dtype))
-                                    for batch in batches[2:])
+            flops = statistics.mean(
+                step_flops(models["eager", first_dtype], batch, getattr(torch, first_dtype)) for batch in batches[2:]
+            )
             for (mode, dtype), mode_seconds in step_seconds.items():
                 results[preset, stage, mode, dtype] = mode_seconds, flops
     return results

@@ -32,7 +32,13 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks the benchmark runs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.time_batch_size, args.dense_batch_size, args.memory_preset, args.memory_batch_size, args.repeats = 4, 4, "tiny", 8, 1
+        args.time_batch_size, args.dense_batch_size, args.memory_preset, args.memory_batch_size, args.repeats = (
+            4,
+            4,
+            "tiny",
+            8,
+            1,
+        )
     return args
 
 
@@ -88,15 +94,23 @@ def runs(module, batch):
     def dense_training():
         module.train().forward_dense(batch["dense"], batch["measured_gene_mask"]).sum().backward()
 
-    return {"sparse, inference": sparse_inference, "sparse, training": sparse_training,
-            "dense, inference": dense_inference, "dense, training": dense_training}
+    return {
+        "sparse, inference": sparse_inference,
+        "sparse, training": sparse_training,
+        "dense, inference": dense_inference,
+        "dense, training": dense_training,
+    }
 
 
 def time_table(args, adata, sizes, command: str):
     torch.manual_seed(0)
     modules = {num_genes: embedding(args.time_preset, num_genes) for num_genes in sizes}
     batch_sizes = {"sparse": args.time_batch_size, "dense": args.dense_batch_size}
-    batches = {(path, n): cells_over_vocabulary(adata, n, batch_size) for path, batch_size in batch_sizes.items() for n in sizes}
+    batches = {
+        (path, n): cells_over_vocabulary(adata, n, batch_size)
+        for path, batch_size in batch_sizes.items()
+        for n in sizes
+    }
     results = {}
     for name in PATHS:  # one path at a time (a training run drops the inference cache), its vocabularies in turn
         path = name.split(",")[0]
@@ -128,12 +142,11 @@ def memory_table(args, adata, sizes, command: str):
                 with PeakTensorMemory() as tracker:
                     run()
                 results[name, num_genes] = tracker.peak
-    rows = [
-        [name] + [mib(results[name, n]) for n in sizes]
-        for name in PATHS
-    ]
+    rows = [[name] + [mib(results[name, n]) for n in sizes] for name in PATHS]
     largest = sizes[-1]
-    rows.append(["sparse / dense, training"] + [results["sparse, training", n] / results["dense, training", n] for n in sizes])
+    rows.append(
+        ["sparse / dense, training"] + [results["sparse, training", n] / results["dense, training", n] for n in sizes]
+    )
     print_table(
         f"Peak memory of the embedding (MiB; preset {args.memory_preset}, batch {args.memory_batch_size} pbmc3k cells, "
         "measured under FakeTensorMode)",

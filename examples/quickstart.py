@@ -55,12 +55,29 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     cells_file = output_dir / "pbmc68k_reduced.h5ad"
     adata.write_h5ad(cells_file)
 
-    model_dir = pretrain([
-        "--train_file", str(cells_file), "--is_normalized", "--output_dir", str(output_dir / "run"),
-        "--preset", "tiny", "--max_steps", str(args.max_steps), "--per_device_batch_size", str(args.batch_size),
-        "--learning_rate", "2e-3", "--eval_steps", str(args.max_steps), "--checkpointing_steps", str(args.max_steps),
-        "--seed", str(args.seed),
-    ])
+    model_dir = pretrain(
+        [
+            "--train_file",
+            str(cells_file),
+            "--is_normalized",
+            "--output_dir",
+            str(output_dir / "run"),
+            "--preset",
+            "tiny",
+            "--max_steps",
+            str(args.max_steps),
+            "--per_device_batch_size",
+            str(args.batch_size),
+            "--learning_rate",
+            "2e-3",
+            "--eval_steps",
+            str(args.max_steps),
+            "--checkpointing_steps",
+            str(args.max_steps),
+            "--seed",
+            str(args.seed),
+        ]
+    )
     pretrained_at = time.perf_counter()
 
     model = AutoModel.from_pretrained(model_dir)
@@ -72,18 +89,25 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         name: cluster_and_score(adata, representation, "bulk_labels", resolution=1.0, seed=args.seed)
         for name, representation in (("scPaLM (tiny)", "X_scpalm"), ("PCA (50)", "X_pca"))
     }
-    print(f"\npbmc68k_reduced ({adata.n_obs} cells, {adata.obs['bulk_labels'].nunique()} bulk_labels), "
-          "Leiden at resolution 1.0:\n")
+    print(
+        f"\npbmc68k_reduced ({adata.n_obs} cells, {adata.obs['bulk_labels'].nunique()} bulk_labels), "
+        "Leiden at resolution 1.0:\n"
+    )
     print("| representation | ARI | NMI | silhouette | clusters |\n|---|---|---|---|---|")
     for name, score in scores.items():
-        print(f"| {name} | {score['ari']:.3f} | {score['nmi']:.3f} | {score['silhouette']:.3f} | {score['num_clusters']} |")
+        print(
+            f"| {name} | {score['ari']:.3f} | {score['nmi']:.3f} | {score['silhouette']:.3f} "
+            f"| {score['num_clusters']} |"
+        )
 
     figure_path = output_dir / "umap.png"
     save_umaps(adata, ["X_scpalm", "X_pca"], figure_path, args.seed)
     adata.write_h5ad(output_dir / "pbmc68k_reduced.embedded.h5ad")
     finished = time.perf_counter()
-    print(f"\nPretraining {pretrained_at - started:.0f} s, embedding, clustering and figures "
-          f"{finished - pretrained_at:.0f} s; total {finished - started:.0f} s.")
+    print(
+        f"\nPretraining {pretrained_at - started:.0f} s, embedding, clustering and figures "
+        f"{finished - pretrained_at:.0f} s; total {finished - started:.0f} s."
+    )
     print(f"Model: {model_dir}\nUMAP: {figure_path}\nEmbedded cells: {output_dir / 'pbmc68k_reduced.embedded.h5ad'}")
     return scores
 
@@ -98,8 +122,15 @@ def save_umaps(adata, representations, path, seed):
         view = adata.copy()
         sc.tl.umap(view, neighbors_key=f"neighbors_{representation}", random_state=seed)
         for axis, color in zip(row, ["bulk_labels", f"leiden_{representation}"]):
-            sc.pl.umap(view, color=color, ax=axis, show=False, title=f"{representation}: {color}",
-                       legend_loc="on data" if color.startswith("leiden") else "right margin", legend_fontsize=7)
+            sc.pl.umap(
+                view,
+                color=color,
+                ax=axis,
+                show=False,
+                title=f"{representation}: {color}",
+                legend_loc="on data" if color.startswith("leiden") else "right margin",
+                legend_fontsize=7,
+            )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

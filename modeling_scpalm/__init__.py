@@ -14,7 +14,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "configuration_scpalm": ["PRESETS", "ScPaLMConfig"],
     "collator_scpalm": ["ScPaLMDataCollator"],
-    "data_scpalm": ["BuildReport", "build_pretraining_dataset", "load_batches", "load_gene_panels", "load_pretraining_dataset"],
+    "data_scpalm": [
+        "BuildReport",
+        "build_pretraining_dataset",
+        "load_batches",
+        "load_gene_panels",
+        "load_pretraining_dataset",
+    ],
     "inference": ["embed_anndata", "embed_h5ad"],
     "modeling_scpalm": [
         "ScPaLMForCellClassification",

@@ -37,40 +37,66 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written, and each option's default where it has one."""
 
     def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS) or action.default is False or action.default == [] or "default" in action.help:
+        if (
+            action.default in (None, argparse.SUPPRESS)
+            or action.default is False
+            or action.default == []
+            or "default" in action.help
+        ):
             return action.help
         return f"{action.help or ''} (default: %(default)s)".strip()
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scpalm pretrain", description=PRETRAIN_DESCRIPTION, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scpalm pretrain", description=PRETRAIN_DESCRIPTION, formatter_class=HelpFormatter
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--train_file", action="append", default=[], help="an .h5ad of raw counts (repeatable)")
     data.add_argument("--dataset_dir", help="a dataset built before (by an earlier run, or build_pretraining_dataset)")
     data.add_argument("--layer", help="take counts from this AnnData layer instead of X")
     data.add_argument("--use_raw", action="store_true", help="take counts from raw/X (adata.raw) and its genes")
-    data.add_argument("--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts")
-    data.add_argument("--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss")
-    data.add_argument("--batch_key", help="an obs column of batches (technology, donor, ...): the decoders are "
-                      "told each cell's batch, so h_C need not carry it (embedding needs no batch)")
+    data.add_argument(
+        "--is_normalized", action="store_true", help="the files hold log1p(counts per 10,000), not counts"
+    )
+    data.add_argument(
+        "--eval_fraction", type=float, default=0.05, help="share of cells held out for the evaluation loss"
+    )
+    data.add_argument(
+        "--batch_key",
+        help="an obs column of batches (technology, donor, ...): the decoders are "
+        "told each cell's batch, so h_C need not carry it (embedding needs no batch)",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")
     model.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stages to train")
     model.add_argument("--stage_one_model", help="with --stage 2: the stage-1 folder to start from")
-    model.add_argument("--config_overrides", help="config fields to change, e.g. 'use_quantizer=false,pathway_encoder_num_hidden_layers=0'"
-                       " (applied to every stage's config: the ablations of Tables 2, 3, 5 and 6)")
-    model.add_argument("--init_from", help="an earlier run's output_dir: continue from its weights and vocabulary "
-                       "(self-supervised adaptation to the new files; --preset is then ignored)")
+    model.add_argument(
+        "--config_overrides",
+        help="config fields to change, e.g. 'use_quantizer=false,pathway_encoder_num_hidden_layers=0'"
+        " (applied to every stage's config: the ablations of Tables 2, 3, 5 and 6)",
+    )
+    model.add_argument(
+        "--init_from",
+        help="an earlier run's output_dir: continue from its weights and vocabulary "
+        "(self-supervised adaptation to the new files; --preset is then ignored)",
+    )
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True, help="the run folder: dataset, stages, checkpoints, model")
     training.add_argument("--per_device_batch_size", type=int, default=64, help="cells per batch and process")
     training.add_argument("--learning_rate", type=float, help="default: 2e-3 in both stages (docs/design.md)")
     training.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's")
-    training.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps the learning rate warms up over")
+    training.add_argument(
+        "--warmup_ratio", type=float, default=0.05, help="share of the steps the learning rate warms up over"
+    )
     training.add_argument("--max_steps", type=int, help="optimizer steps per stage (overrides --num_epochs)")
-    training.add_argument("--num_epochs", type=float, help="epochs per stage (default: by data size, "
-                          f"{DEFAULT_EPOCHS:g} epochs within {DEFAULT_MIN_STEPS}-{DEFAULT_MAX_STEPS} steps and "
-                          f"{DEFAULT_GENE_VALUES:,} expressed genes seen, at least one epoch)")
+    training.add_argument(
+        "--num_epochs",
+        type=float,
+        help="epochs per stage (default: by data size, "
+        f"{DEFAULT_EPOCHS:g} epochs within {DEFAULT_MIN_STEPS}-{DEFAULT_MAX_STEPS} steps and "
+        f"{DEFAULT_GENE_VALUES:,} expressed genes seen, at least one epoch)",
+    )
     training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
@@ -79,9 +105,15 @@ def pretrain_parser() -> argparse.ArgumentParser:
     training.add_argument("--logging_steps", type=int, default=10, help="steps between log records")
     training.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
     training.add_argument("--num_workers", type=int, default=0, help="data loader processes")
-    training.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
-                          help="batch cells of similar non-zero counts together (less padding; on by default)")
-    training.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, the batches and the views")
+    training.add_argument(
+        "--group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch cells of similar non-zero counts together (less padding; on by default)",
+    )
+    training.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, the initialisation, the batches and the views"
+    )
     hub = parser.add_argument_group("sharing (the run ends by writing output_dir/model: model, processor, model card)")
     hub.add_argument("--push_to_hub", action="store_true", help="upload output_dir/model to the Hub at the end")
     hub.add_argument("--hub_model_id", help="the Hub repository, 'user/name' (default: the output folder's name)")
@@ -101,8 +133,10 @@ def parse_pretrain_args(argv=None) -> argparse.Namespace:
     if bool(args.train_file) == bool(args.dataset_dir):
         parser.error("give the data as --train_file (one or more) or as --dataset_dir, not both or neither")
     if args.batch_key and args.dataset_dir:
-        parser.error("--batch_key applies when the dataset is built from --train_file; a --dataset_dir keeps the "
-                     "batches it was built with")
+        parser.error(
+            "--batch_key applies when the dataset is built from --train_file; a --dataset_dir keeps the "
+            "batches it was built with"
+        )
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be at least 1, got {args.max_steps}")
     if args.learning_rate is not None and args.learning_rate <= 0:
@@ -114,12 +148,17 @@ def parse_pretrain_args(argv=None) -> argparse.Namespace:
     if args.config_overrides:
         _check_config_overrides(parser, args.preset, args.config_overrides)
     if args.init_from:
-        missing = [f"{args.init_from}/{stage}" for stage in ("stage_1", "stage_2")
-                   if not (Path(args.init_from) / stage / "config.json").is_file()]
+        missing = [
+            f"{args.init_from}/{stage}"
+            for stage in ("stage_1", "stage_2")
+            if not (Path(args.init_from) / stage / "config.json").is_file()
+        ]
         if missing:
             parser.error(f"--init_from needs a finished run's output_dir; missing {', '.join(missing)}")
         if args.stage_one_model or args.dataset_dir:
-            parser.error("--init_from takes the vocabulary and weights from that run: drop --stage_one_model/--dataset_dir")
+            parser.error(
+                "--init_from takes the vocabulary and weights from that run: drop --stage_one_model/--dataset_dir"
+            )
     output_dir = Path(args.output_dir)
     from .pretraining import run_folder_contents
 
@@ -136,25 +175,45 @@ def parse_pretrain_args(argv=None) -> argparse.Namespace:
 
 
 def embed_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scpalm embed", description="Write scPaLM cell embeddings to obsm['X_scpalm'].",
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved model and processor: a pretraining run's model/ folder "
-                        "(or the run folder itself)")
+    parser = argparse.ArgumentParser(
+        prog="scpalm embed",
+        description="Write scPaLM cell embeddings to obsm['X_scpalm'].",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a saved model and processor: a pretraining run's model/ folder (or the run folder itself)",
+    )
     parser.add_argument("--input", required=True, help=".h5ad with raw counts in X (or --layer)")
     parser.add_argument("--output", required=True, help="the .h5ad to write: the input plus obsm['X_scpalm']")
     parser.add_argument("--layer", help="read the values from this layer instead of X")
-    parser.add_argument("--use_raw", action="store_true", help="read raw/X (adata.raw, where scanpy keeps the values a "
-                        "workflow started from) and its genes")
+    parser.add_argument(
+        "--use_raw",
+        action="store_true",
+        help="read raw/X (adata.raw, where scanpy keeps the values a workflow started from) and its genes",
+    )
     parser.add_argument("--is_normalized", action="store_true", help="values are already log1p(normalised counts)")
-    parser.add_argument("--batch_size", type=int, help="cells per batch (default: a few MiB of gene vectors a batch on "
-                        "CPU, a fixed number of cells on a GPU)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help="cells per batch (default: a few MiB of gene vectors a batch on CPU, a fixed number of cells on a GPU)",
+    )
     parser.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--key", default="X_scpalm", help="the obsm key")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="autocast dtype: bfloat16 is the fast choice on a GPU and, from the small preset up, on a "
-                        "CPU with bf16 matrix units (Intel AMX); h_C is within about 1%% of float32 for most cells")
-    parser.add_argument("--compile", action="store_true", help="run the model under torch.compile (dynamic shapes; "
-                        "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="autocast dtype: bfloat16 is the fast choice on a GPU and, from the small preset up, on a "
+        "CPU with bf16 matrix units (Intel AMX); h_C is within about 1%% of float32 for most cells",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model under torch.compile (dynamic shapes; "
+        "the first batch pays the compilation): about 1.1x the cells/s on CPU, see benchmarks/results/",
+    )
     _add_console_flags(parser, "transformers' loading reports")
     return parser
 
@@ -181,19 +240,28 @@ def parse_embed_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Names
 
 def evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scpalm evaluate", formatter_class=HelpFormatter,
+        prog="scpalm evaluate",
+        formatter_class=HelpFormatter,
         description="Score cell embeddings with scib-metrics (bio conservation; with --batch_key, batch correction and "
         "the scIB total, 0.6 bio + 0.4 batch) and the paper's Leiden-1.0 ARI / NMI. Writes scib_results.csv, .md and "
         "scib-metrics' figure (.svg) to --output_dir. Needs the `evaluate` extra.",
     )
-    parser.add_argument("--input", required=True, help="an .h5ad holding the embeddings in obsm (e.g. `scpalm embed`'s output)")
+    parser.add_argument(
+        "--input", required=True, help="an .h5ad holding the embeddings in obsm (e.g. `scpalm embed`'s output)"
+    )
     parser.add_argument("--label_key", required=True, help="the obs column of cell types")
     parser.add_argument("--batch_key", help="the obs column of batches: adds the batch-correction metrics")
     parser.add_argument("--obsm", nargs="+", default=["X_scpalm"], help="the embeddings to score (obsm keys)")
-    parser.add_argument("--unintegrated_obsm", help="with --batch_key: the embedding batch correction is measured "
-                        "against (default: X_pca when the file has it, else a PCA of the log-normalised X)")
-    parser.add_argument("--is_normalized", action="store_true", help="X holds log1p(normalised counts), not counts "
-                        "(for the default unintegrated PCA)")
+    parser.add_argument(
+        "--unintegrated_obsm",
+        help="with --batch_key: the embedding batch correction is measured "
+        "against (default: X_pca when the file has it, else a PCA of the log-normalised X)",
+    )
+    parser.add_argument(
+        "--is_normalized",
+        action="store_true",
+        help="X holds log1p(normalised counts), not counts (for the default unintegrated PCA)",
+    )
     parser.add_argument("--output_dir", required=True, help="where the table and the figure are written")
     parser.add_argument("--n_jobs", type=int, default=1, help="processes for the neighbour search")
     parser.add_argument("--seed", type=int, default=0, help="seeds the PCA and the Leiden clustering")

@@ -25,7 +25,9 @@ def embed(argv=None):
             matrix, var = open_h5ad_matrix(file, args.layer)
             num_cells = matrix.shape[0]
     except (OSError, KeyError) as error:  # h5py's messages for truncated or non-HDF5 files
-        parser.error(f"{input_path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?")
+        parser.error(
+            f"{input_path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?"
+        )
     except ValueError as error:  # a --layer the file does not have
         parser.error(str(error))
     if num_cells == 0:
@@ -36,8 +38,10 @@ def embed(argv=None):
     try:
         model = ScPaLMModel.from_pretrained(model_dir).to(device)
     except (SafetensorError, OSError) as error:  # a truncated or missing weights file
-        parser.error(f"the model in {model_dir} could not be loaded ({error}): is its model.safetensors complete? "
-                     "Copy or download the folder again.")
+        parser.error(
+            f"the model in {model_dir} could not be loaded ({error}): is its model.safetensors complete? "
+            "Copy or download the folder again."
+        )
     if args.compile:
         model = torch.compile(model, dynamic=True)
     processor = ScPaLMProcessor.from_pretrained(model_dir)
@@ -46,8 +50,17 @@ def embed(argv=None):
     # Streamed from the input to a temporary file beside --output, renamed when complete: memory follows the chunk,
     # and an interrupted run leaves no truncated file at --output to block the rerun.
     try:
-        embed_h5ad(model, processor, input_path, output_path, args.key, args.layer, args.is_normalized, args.batch_size,
-                   autocast_dtype=autocast_dtype)
+        embed_h5ad(
+            model,
+            processor,
+            input_path,
+            output_path,
+            args.key,
+            args.layer,
+            args.is_normalized,
+            args.batch_size,
+            autocast_dtype=autocast_dtype,
+        )
     except (ValueError, TypeError) as error:  # the data's values or genes: the processor's message says what to do
         if args.debug:
             raise
@@ -67,8 +80,17 @@ def evaluate(argv=None):
 
     adata = anndata.read_h5ad(args.input)
     try:
-        table = evaluate_embeddings(adata, args.label_key, args.obsm, args.batch_key, args.unintegrated_obsm,
-                                    args.is_normalized, args.output_dir, args.n_jobs, args.seed)
+        table = evaluate_embeddings(
+            adata,
+            args.label_key,
+            args.obsm,
+            args.batch_key,
+            args.unintegrated_obsm,
+            args.is_normalized,
+            args.output_dir,
+            args.n_jobs,
+            args.seed,
+        )
     except ValueError as error:  # a key the file lacks, or labels missing: the message names it
         if args.debug:
             raise
@@ -83,8 +105,10 @@ def require_extra(command: str, modules: list[str], extra: str):
 
     missing = [module for module in modules if importlib.util.find_spec(module) is None]
     if missing:
-        print(f"scpalm {command}: error: needs {', '.join(missing)} (not installed): pip install 'scpalm[{extra}]'",
-              file=sys.stderr)
+        print(
+            f"scpalm {command}: error: needs {', '.join(missing)} (not installed): pip install 'scpalm[{extra}]'",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
@@ -99,8 +123,12 @@ COMMANDS = {
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: scpalm {" + ",".join(COMMANDS) + "} ... (`scpalm <command> --help` for its options)\n\ncommands:\n"
-              + "\n".join(f"  {name:10s}{text}" for name, text in COMMANDS.items()))
+        print(
+            "usage: scpalm {"
+            + ",".join(COMMANDS)
+            + "} ... (`scpalm <command> --help` for its options)\n\ncommands:\n"
+            + "\n".join(f"  {name:10s}{text}" for name, text in COMMANDS.items())
+        )
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, argv = argv[0], argv[1:]
     if command == "pretrain":

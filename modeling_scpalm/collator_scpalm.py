@@ -68,7 +68,9 @@ class ScPaLMDataCollator:
         padded = ScPaLMProcessor.pad(cells)
         panel_ids = torch.tensor([feature["panel"] for feature in features])
         if (panel_ids < 0).any() or (panel_ids >= self.gene_panels.shape[0]).any():
-            raise ValueError(f"Panel ids {panel_ids.unique().tolist()} are outside the {self.gene_panels.shape[0]} known panels.")
+            raise ValueError(
+                f"Panel ids {panel_ids.unique().tolist()} are outside the {self.gene_panels.shape[0]} known panels."
+            )
         batch = {
             **padded,
             # One panel in the batch (the usual case) travels as one row, not one per cell.
@@ -90,10 +92,13 @@ class ScPaLMDataCollator:
     def _draw_views(self, features: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.seed is None:
             return tuple(
-                sample_kept_token_indices(len(features), self.num_pathway_tokens, self.num_kept_tokens) for _ in range(2)
+                sample_kept_token_indices(len(features), self.num_pathway_tokens, self.num_kept_tokens)
+                for _ in range(2)
             )
         if "cell_index" not in features[0]:
-            raise ValueError("A seeded stage-2 collator needs each feature's `cell_index` (build_pretraining_dataset writes it).")
+            raise ValueError(
+                "A seeded stage-2 collator needs each feature's `cell_index` (build_pretraining_dataset writes it)."
+            )
         # Counter-based noise: a hash of (seed, epoch, cell, view, token), computed for the whole batch at once.
         cells = np.array([feature["cell_index"] for feature in features], dtype=np.uint64)
         tokens = np.arange(2 * self.num_pathway_tokens, dtype=np.uint64)

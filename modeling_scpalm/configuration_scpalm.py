@@ -78,8 +78,9 @@ class ScPaLMConfig(PreTrainedConfig):
             stays the whole cell); 0 reads them all. A deep cell's step then costs what a shallow one's does.
         decode_with_depth (`bool`): give both decoders the cell's depth (the share of its panel it expresses and its
             mean expressed value), so that the tokens and h_C need not encode it.
-        cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"mean"` over the cell token
-            and the pathway tokens it saw (the default), or `"cell_token"`, the cell token's own output (the paper's).
+        cell_embedding_pooling (`str`): how h_C is read from the cell encoder's output: `"cell_token"`, the cell
+            token's own output (the paper's; the default), or `"mean"` over the cell token and the pathway tokens it
+            saw.
         cell_token_from_expression (`bool`): add to the cell token e_C a learned linear read of the cell's whole
             expression (one vector per gene, summed with the cell's values, then LayerNorm); h_C then sees every
             gene, not only the pathway tokens left after masking. False gives the paper's constant e_C.
@@ -126,7 +127,7 @@ class ScPaLMConfig(PreTrainedConfig):
     contrastive_max_negatives: int = 128
     max_genes_per_cell: int = 1024
     decode_with_depth: bool = True
-    cell_embedding_pooling: str = "mean"
+    cell_embedding_pooling: str = "cell_token"
     cell_token_from_expression: bool = True
     num_batches: int = 0
 
@@ -171,8 +172,14 @@ class ScPaLMConfig(PreTrainedConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("num_hidden_layers", "pathway_encoder_num_hidden_layers", "decoder_num_hidden_layers", "dead_code_patience",
-                     "max_genes_per_cell", "num_batches"):
+        for name in (
+            "num_hidden_layers",
+            "pathway_encoder_num_hidden_layers",
+            "decoder_num_hidden_layers",
+            "dead_code_patience",
+            "max_genes_per_cell",
+            "num_batches",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
@@ -186,7 +193,9 @@ class ScPaLMConfig(PreTrainedConfig):
                 "pool into fewer tokens than there are genes."
             )
         if not 0.0 <= self.commitment_beta <= 1.0:
-            raise ValueError(f"`commitment_beta` weighs two terms of eq. 1 and must be in [0, 1], got {self.commitment_beta}.")
+            raise ValueError(
+                f"`commitment_beta` weighs two terms of eq. 1 and must be in [0, 1], got {self.commitment_beta}."
+            )
         if not 0.0 < self.token_keep_ratio < 1.0 or self.num_kept_tokens >= self.num_pathway_tokens:
             raise ValueError(
                 f"`token_keep_ratio` ({self.token_keep_ratio}) must keep at least one and mask at least one of the "
@@ -203,7 +212,9 @@ class ScPaLMConfig(PreTrainedConfig):
                 f"got {self.token_reconstruction_weight}."
             )
         if self.contrastive_loss_weight < 0:
-            raise ValueError(f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}.")
+            raise ValueError(
+                f"`contrastive_loss_weight` must be >= 0 (0 disables the loss), got {self.contrastive_loss_weight}."
+            )
         if self.contrastive_temperature <= 0:
             raise ValueError(f"`contrastive_temperature` must be > 0, got {self.contrastive_temperature}.")
         if self.contrastive_num_clusters > self.contrastive_queue_size:

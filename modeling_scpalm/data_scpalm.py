@@ -108,8 +108,19 @@ def build_pretraining_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with _datasets_bars_off():
-            report = _write_dataset(train_files, staging, processor, eval_fraction, is_normalized, layer, chunk_size,
-                                    max_shard_size, seed, progress, batches)
+            report = _write_dataset(
+                train_files,
+                staging,
+                processor,
+                eval_fraction,
+                is_normalized,
+                layer,
+                chunk_size,
+                max_shard_size,
+                seed,
+                progress,
+                batches,
+            )
         if output_dir.exists():
             output_dir.rmdir()  # empty, as checked above: the rename needs the name free
         os.replace(staging, output_dir)
@@ -118,8 +129,19 @@ def build_pretraining_dataset(
     return processor, report
 
 
-def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normalized, layer, chunk_size, max_shard_size,
-                   seed, progress, batches) -> "BuildReport":
+def _write_dataset(
+    train_files,
+    output_dir,
+    processor,
+    eval_fraction,
+    is_normalized,
+    layer,
+    chunk_size,
+    max_shard_size,
+    seed,
+    progress,
+    batches,
+) -> "BuildReport":
     """The dataset, its panels, processor and report, written into `output_dir`."""
     import datasets
 
@@ -142,7 +164,11 @@ def _write_dataset(train_files, output_dir, processor, eval_fraction, is_normali
             _cell_records,
             features=features,
             cache_dir=str(output_dir / ".cache"),
-            gen_kwargs={"paths": [str(p) for p in train_files], "panel_ids": list(range(len(train_files))), "build": build},
+            gen_kwargs={
+                "paths": [str(p) for p in train_files],
+                "panel_ids": list(range(len(train_files))),
+                "build": build,
+            },
         )
     except datasets.exceptions.DatasetGenerationError as error:
         shutil.rmtree(output_dir / ".cache", ignore_errors=True)
@@ -178,7 +204,9 @@ def open_h5ad_matrix(file, layer: str | None = None):
 
     if layer == "raw":
         if "raw" not in file:
-            raise ValueError("`layer='raw'` (--use_raw) but the file has no `raw`: name a layer, or leave it out to read X.")
+            raise ValueError(
+                "`layer='raw'` (--use_raw) but the file has no `raw`: name a layer, or leave it out to read X."
+            )
         element, var = file["raw/X"], file["raw/var"]
     elif layer is None:
         element, var = file["X"], file["var"]
@@ -269,7 +297,9 @@ def _cell_records(paths: list[str], panel_ids: list[int], build: _BuildState):
                 if not keep.any():
                     continue
                 try:
-                    cells, _ = processor.transform(matrix[keep], gene_names, gene_ids, is_normalized=build.is_normalized)
+                    cells, _ = processor.transform(
+                        matrix[keep], gene_names, gene_ids, is_normalized=build.is_normalized
+                    )
                 except (ValueError, TypeError) as error:
                     raise type(error)(f"{path}: {error}") from None
                 batch_codes = None
@@ -297,7 +327,9 @@ def _file_genes(path: Path, layer: str | None):
         with h5py.File(path, "r") as file:
             return open_h5ad_matrix(file, layer)[1]
     except (OSError, KeyError) as error:  # h5py's messages for truncated or non-HDF5 files
-        raise ValueError(f"{path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?") from None
+        raise ValueError(
+            f"{path} could not be read as an .h5ad file ({error}): is it complete, and written by anndata?"
+        ) from None
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 
@@ -390,8 +422,13 @@ ACCELERATOR_BATCH_SIZE = 256
 INFERENCE_PAD_MULTIPLE = 128
 
 
-def inference_batches(lengths: np.ndarray, hidden_size: int, device: torch.device, batch_size: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+def inference_batches(
+    lengths: np.ndarray,
+    hidden_size: int,
+    device: torch.device,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[np.ndarray]:
     """
     Cells sorted by their number of non-zero genes (`lengths`), so that a batch pads little, cut into batches of row
     indices: `batch_size` cells each when given; by default on CPU as many as keep the padded batch's gene vectors

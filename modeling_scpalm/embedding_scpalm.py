@@ -98,12 +98,16 @@ class ScPaLMEmbeddings(nn.Module):
 
     # -- pooling --------------------------------------------------------------------------------------------------
 
-    def _pool(self, weights: torch.Tensor, gene_values: torch.Tensor, gene_ids: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    def _pool(
+        self, weights: torch.Tensor, gene_values: torch.Tensor, gene_ids: torch.Tensor, identity: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, heads, N, L) weights over L genes, their (batch, L) values and ids (broadcastable) and (batch or 1,
         L, hidden) identity vectors -> (batch, N, hidden) tokens."""
         dose = self.gene_values(gene_ids, gene_values).to(identity.dtype)
         weights = weights.to(dose.dtype)
-        pools = [torch.einsum("bhnl,blhd->bnhd", weights, self._heads(part.expand_as(dose))) for part in (dose, identity)]
+        pools = [
+            torch.einsum("bhnl,blhd->bnhd", weights, self._heads(part.expand_as(dose))) for part in (dose, identity)
+        ]
         pools = torch.cat(pools, dim=-1).float()  # (batch, N, heads, 2 head_dim)
         # Each cell's depth out (per head), its tokens' ratios kept; a cell with no expressed gene stays at zero.
         pools = pools * torch.rsqrt(pools.pow(2).mean((1, 3), keepdim=True).clamp_min(torch.finfo(pools.dtype).tiny))

@@ -54,7 +54,9 @@ def evaluate_embeddings(
     elif unintegrated_key is None:
         unintegrated_key = "X_pca"
         cells.obsm[unintegrated_key] = (
-            np.asarray(adata.obsm["X_pca"], dtype=np.float32) if "X_pca" in adata.obsm else _pca(adata, is_normalized, seed)
+            np.asarray(adata.obsm["X_pca"], dtype=np.float32)
+            if "X_pca" in adata.obsm
+            else _pca(adata, is_normalized, seed)
         )
     elif unintegrated_key not in cells.obsm:
         _check_keys(adata, label_key, [unintegrated_key], None)
@@ -88,15 +90,21 @@ def evaluate_embeddings(
 def _check_keys(adata, label_key: str, obsm_keys: list[str], batch_key: str | None):
     for key, role in ((label_key, "label"), (batch_key, "batch")):
         if key is not None and key not in adata.obs:
-            raise ValueError(f"obs has no {role} column {key!r}; it has: {', '.join(map(str, adata.obs.columns)) or 'none'}")
+            raise ValueError(
+                f"obs has no {role} column {key!r}; it has: {', '.join(map(str, adata.obs.columns)) or 'none'}"
+            )
         if key is not None and adata.obs[key].isna().any():
-            raise ValueError(f"{int(adata.obs[key].isna().sum()):,} cells have no value in obs[{key!r}]: drop them first")
+            raise ValueError(
+                f"{int(adata.obs[key].isna().sum()):,} cells have no value in obs[{key!r}]: drop them first"
+            )
     if not obsm_keys:
         raise ValueError("name at least one embedding (an obsm key) to evaluate")
     missing = [key for key in obsm_keys if key not in adata.obsm]
     if missing:
-        raise ValueError(f"obsm has no {', '.join(map(repr, missing))}; it has: {', '.join(adata.obsm) or 'none'} "
-                         "(`scpalm embed` writes X_scpalm; `sc.pp.pca` writes X_pca)")
+        raise ValueError(
+            f"obsm has no {', '.join(map(repr, missing))}; it has: {', '.join(adata.obsm) or 'none'} "
+            "(`scpalm embed` writes X_scpalm; `sc.pp.pca` writes X_pca)"
+        )
     if adata.n_obs < 10:
         raise ValueError(f"{adata.n_obs} cells are too few to evaluate an embedding")
 
@@ -127,7 +135,9 @@ def _write(table, metric_types, benchmarker, output_dir: Path):
     header = ["embedding", *table.columns]
     kinds = ["(kind)", *(metric_types.get(column, "paper (section 4.2)") for column in table.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(kinds) + " |"]
-    lines += ["| " + " | ".join([str(name), *(f"{value:.3f}" for value in row)]) + " |" for name, row in table.iterrows()]
+    lines += [
+        "| " + " | ".join([str(name), *(f"{value:.3f}" for value in row)]) + " |" for name, row in table.iterrows()
+    ]
     (output_dir / f"{RESULTS_NAME}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

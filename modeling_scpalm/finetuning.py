@@ -3,6 +3,7 @@ r"""Fine-tune scPaLM's cell classifier on labelled cells with `Trainer` (as tran
     python training/finetune.py --model_name_or_path runs/tiny/stage_2 --train_file cells.h5ad \
         --label_column cell_type --output_dir runs/classifier --tuning lora --num_train_epochs 3
 
+The classifier starts at a logistic regression on the training cells' pretrained h_C (`--no_probe_init`: at random).
 `--tuning full` trains everything, `frozen` the classifier alone, `lora` low-rank adapters on the encoders' attention
 (peft) plus the classifier. A stratified share of the cells (`--eval_fraction`) is held out; accuracy and macro-F1
 are computed on it with scikit-learn (no Hub metric).
@@ -51,6 +52,13 @@ class ModelArguments:
     tuning: str = field(default="full", metadata={"help": "full, frozen (classifier only) or lora"})
     lora_rank: int = field(default=8, metadata={"help": "with --tuning lora: the adapters' rank"})
     lora_alpha: int = field(default=16, metadata={"help": "with --tuning lora: the adapters' scale numerator"})
+    probe_init: bool = field(
+        default=True,
+        metadata={
+            "help": "start the classifier at a logistic regression on the training cells' pretrained h_C "
+            "(--no_probe_init: at random)"
+        },
+    )
 
 
 def classification_metrics(eval_prediction) -> dict[str, float]:
@@ -63,11 +71,51 @@ def classification_metrics(eval_prediction) -> dict[str, float]:
     return {"accuracy": accuracy_score(labels, predictions), "macro_f1": f1_score(labels, predictions, average="macro")}
 
 
+def initialise_classifier_from_probe(model, cells, collator, batch_size: int = 256) -> None:
+    """Linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): set the classifier to the logistic regression
+    that best separates the training cells' pretrained h_C, so that fine-tuning starts from a good head instead of
+    sending a random head's gradients through the pretrained encoders. The regression's strength is chosen by
+    cross-validation on the training cells alone."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    was_training = model.training
+    model.eval()
+    embeddings, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(cells), batch_size):
+            batch = collator([cells[index] for index in range(start, min(start + batch_size, len(cells)))])
+            labels.append(batch.pop("labels").numpy())
+            embeddings.append(model.scpalm(**batch).cell_embedding.float().numpy())
+    model.train(was_training)
+    features, labels = np.concatenate(embeddings), np.concatenate(labels)
+    probe = LogisticRegression(max_iter=2000)
+    if np.bincount(labels).max() >= 3:
+        probe = GridSearchCV(probe, {"C": np.logspace(-2, 2, 5)}, cv=3).fit(features, labels).best_estimator_
+    else:  # too few cells to cross-validate
+        probe.fit(features, labels)
+    # Classes missing from the training cells keep logits that never win; a binary probe has one row for class 1.
+    coefficients = probe.coef_ if len(probe.classes_) > 2 else np.stack([np.zeros_like(probe.coef_[0]), probe.coef_[0]])
+    intercepts = probe.intercept_ if len(probe.classes_) > 2 else np.array([0.0, probe.intercept_[0]])
+    weight = torch.zeros_like(model.classifier.weight)
+    bias = torch.full_like(model.classifier.bias, float(intercepts.min()) - 10.0)
+    rows = torch.as_tensor(probe.classes_)
+    weight[rows] = torch.as_tensor(coefficients, dtype=weight.dtype)
+    bias[rows] = torch.as_tensor(intercepts, dtype=bias.dtype)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+
+
 def short_help(prog: str) -> str:
     """The script's own options and the common Trainer ones, without importing transformers."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Every other transformers.TrainingArguments option is accepted too: "
-                                     "`--help_all` lists them all.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every other transformers.TrainingArguments option is accepted too: `--help_all` lists them all.",
+    )
     for arguments in (ModelArguments, DataArguments):
         group = parser.add_argument_group(arguments.__name__)
         for item in fields(arguments):
@@ -117,7 +165,8 @@ def main(argv=None, prog: str = "training/finetune.py"):
     column = adata.obs[data_args.label_column]
     if column.isna().any():
         parser.error(
-            f"{int(column.isna().sum()):,} cells have no label in obs[{data_args.label_column!r}]: drop them first, e.g. "
+            f"{int(column.isna().sum()):,} cells have no label in obs[{data_args.label_column!r}]: "
+            "drop them first, e.g. "
             f"adata[adata.obs[{data_args.label_column!r}].notna()].write_h5ad(...)"
         )
     sizes = column.astype(str).value_counts()
@@ -131,16 +180,20 @@ def main(argv=None, prog: str = "training/finetune.py"):
     matrix = adata.layers[data_args.layer] if data_args.layer else adata.X
     cells, measured = processor.transform(matrix, adata.var_names, anndata_gene_ids(adata), data_args.is_normalized)
     names = sorted(adata.obs[data_args.label_column].astype(str).unique())
-    labels = adata.obs[data_args.label_column].astype(str).map({name: index for index, name in enumerate(names)}).to_numpy()
+    labels = (
+        adata.obs[data_args.label_column].astype(str).map({name: index for index, name in enumerate(names)}).to_numpy()
+    )
     # A `datasets.Dataset` with each cell's non-zero count as `length`: `--train_sampling_strategy group_by_length`
     # then batches cells of similar length (less padding), as pretraining does.
-    rows = datasets.Dataset.from_dict({
-        "gene_ids": np.split(cells.indices, cells.indptr[1:-1]),
-        "gene_values": np.split(cells.data, cells.indptr[1:-1]),
-        "panel": np.zeros(cells.shape[0], dtype=np.int64),
-        "labels": labels,
-        training_args.length_column_name: np.diff(cells.indptr),
-    }).with_format("numpy")
+    rows = datasets.Dataset.from_dict(
+        {
+            "gene_ids": np.split(cells.indices, cells.indptr[1:-1]),
+            "gene_values": np.split(cells.data, cells.indptr[1:-1]),
+            "panel": np.zeros(cells.shape[0], dtype=np.int64),
+            "labels": labels,
+            training_args.length_column_name: np.diff(cells.indptr),
+        }
+    ).with_format("numpy")
     train_indices, eval_indices = train_test_split(
         np.arange(len(rows)), test_size=data_args.eval_fraction, stratify=labels, random_state=training_args.seed
     )
@@ -153,16 +206,22 @@ def main(argv=None, prog: str = "training/finetune.py"):
         id2label=dict(enumerate(names)),
         label2id={name: index for index, name in enumerate(names)},
     )
+    collator = ScPaLMDataCollator(torch.from_numpy(measured)[None])
+    if model_args.probe_init:
+        initialise_classifier_from_probe(model, train_rows, collator)
     if model_args.tuning == "frozen":
         model.scpalm.requires_grad_(False)
     elif model_args.tuning == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, target_modules=["qkv"],
-                          modules_to_save=["classifier"])
+        lora = LoraConfig(
+            r=model_args.lora_rank,
+            lora_alpha=model_args.lora_alpha,
+            target_modules=["qkv"],
+            modules_to_save=["classifier"],
+        )
         model = get_peft_model(model, lora)
 
-    collator = ScPaLMDataCollator(torch.from_numpy(measured)[None])
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -32,10 +32,14 @@ def export_model(
     remove_stale_partials(output_dir)
     staging = partial_path(output_dir)
     try:
-        shutil.copytree(stage_dirs[-1], staging, ignore=shutil.ignore_patterns("log.jsonl", ".*", TRAINING_SUMMARY_FILE))
+        shutil.copytree(
+            stage_dirs[-1], staging, ignore=shutil.ignore_patterns("log.jsonl", ".*", TRAINING_SUMMARY_FILE)
+        )
         # A local model is named after its run folder (output_dir is `<run>/model`).
         model_name = model_id.split("/")[-1] if model_id else output_dir.resolve().parent.name
-        write_model_card(staging, stage_dirs, dataset_dir, model_id or str(output_dir), model_name, dataset_names, license)
+        write_model_card(
+            staging, stage_dirs, dataset_dir, model_id or str(output_dir), model_name, dataset_names, license
+        )
         if output_dir.exists():
             shutil.rmtree(output_dir)  # made from the stage folders alone: safe to make again (a resumed run does)
         os.replace(staging, output_dir)
@@ -44,7 +48,9 @@ def export_model(
     return output_dir
 
 
-def write_model_card(model_dir, stage_dirs, dataset_dir, model_id, model_name, dataset_names=None, license="apache-2.0"):
+def write_model_card(
+    model_dir, stage_dirs, dataset_dir, model_id, model_name, dataset_names=None, license="apache-2.0"
+):
     """Fill `hub_cards/model_card.md` for the model in `model_dir` and save it there as README.md."""
     import torch
     import transformers
@@ -54,7 +60,11 @@ def write_model_card(model_dir, stage_dirs, dataset_dir, model_id, model_name, d
     from .configuration_scpalm import ScPaLMConfig
 
     config = ScPaLMConfig.from_pretrained(model_dir)
-    stages = [json.loads((Path(d) / TRAINING_SUMMARY_FILE).read_text()) for d in stage_dirs if (Path(d) / TRAINING_SUMMARY_FILE).is_file()]
+    stages = [
+        json.loads((Path(d) / TRAINING_SUMMARY_FILE).read_text())
+        for d in stage_dirs
+        if (Path(d) / TRAINING_SUMMARY_FILE).is_file()
+    ]
     report = Path(dataset_dir) / BUILD_REPORT_FILE if dataset_dir else None
     data_lines = report.read_text().splitlines() if report and report.is_file() else [f"the dataset in `{dataset_dir}`"]
     # The build report has one "<file>: kept ..." line per file, then the totals.

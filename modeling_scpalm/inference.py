@@ -45,7 +45,9 @@ def expression_matrix(adata, layer: str | None = None):
         return adata.X
     if layer == "raw":
         if adata.raw is None:
-            raise ValueError("`layer='raw'` (--use_raw) but the AnnData has no `.raw`: name a layer, or leave it out to read X.")
+            raise ValueError(
+                "`layer='raw'` (--use_raw) but the AnnData has no `.raw`: name a layer, or leave it out to read X."
+            )
         return adata.raw.X
     if layer not in adata.layers:
         raise ValueError(
@@ -74,10 +76,19 @@ def row_chunks(matrix, max_entries: int = CHUNK_ENTRIES) -> list[tuple[int, int]
     return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
-def iter_embeddings(model, processor, matrix, gene_names, gene_ids=None, batch_size: int | None = None,
-                    is_normalized: bool = False, representation: str = "cell_embedding",
-                    autocast_dtype: torch.dtype | None = None, max_entries: int = CHUNK_ENTRIES,
-                    progress: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+def iter_embeddings(
+    model,
+    processor,
+    matrix,
+    gene_names,
+    gene_ids=None,
+    batch_size: int | None = None,
+    is_normalized: bool = False,
+    representation: str = "cell_embedding",
+    autocast_dtype: torch.dtype | None = None,
+    max_entries: int = CHUNK_ENTRIES,
+    progress: bool = True,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yields `(first_row, rows)`: the representation of consecutive cells of `matrix` (cells x genes, in memory or
     on disk), one chunk at a time."""
     from tqdm.auto import tqdm
@@ -93,10 +104,13 @@ def iter_embeddings(model, processor, matrix, gene_names, gene_ids=None, batch_s
     model.eval()
     with tqdm(total=matrix.shape[0], desc="embedding", disable=not progress, unit="cell") as bar:
         for start, stop in row_chunks(matrix, max_entries):
-            cells, measured = processor.transform(matrix[start:stop], gene_names, gene_ids, is_normalized, first_row=start)
+            cells, measured = processor.transform(
+                matrix[start:stop], gene_names, gene_ids, is_normalized, first_row=start
+            )
             measured = torch.from_numpy(measured).to(device)
-            batches = inference_batches(np.diff(cells.indptr), model.config.hidden_size, device, batch_size,
-                                        autocast_dtype or weight.dtype)
+            batches = inference_batches(
+                np.diff(cells.indptr), model.config.hidden_size, device, batch_size, autocast_dtype or weight.dtype
+            )
             chunk = None
             with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 for rows in batches:
@@ -111,9 +125,17 @@ def iter_embeddings(model, processor, matrix, gene_names, gene_ids=None, batch_s
             yield start, chunk
 
 
-def embed_anndata(model, processor, adata, batch_size: int | None = None, is_normalized: bool = False, layer: str | None = None,
-                  progress: bool = True, representation: str = "cell_embedding",
-                  autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+def embed_anndata(
+    model,
+    processor,
+    adata,
+    batch_size: int | None = None,
+    is_normalized: bool = False,
+    layer: str | None = None,
+    progress: bool = True,
+    representation: str = "cell_embedding",
+    autocast_dtype: torch.dtype | None = None,
+) -> np.ndarray:
     """
     One row per cell: by default h_C `(cells, hidden)`; `representation` picks another of `REPRESENTATIONS`
     (`"pathway_codes"` gives `(cells, N)` code indices). `adata` may be opened with `backed="r"`: the cells are read
@@ -128,17 +150,38 @@ def embed_anndata(model, processor, adata, batch_size: int | None = None, is_nor
     genes = adata.raw if layer == "raw" else adata  # `.raw` has genes of its own
     gene_names, gene_ids = list(genes.var_names), anndata_gene_ids(genes)
     result = None
-    for start, rows in iter_embeddings(model, processor, matrix, gene_names, gene_ids, batch_size, is_normalized,
-                                       representation, autocast_dtype, progress=progress):
+    for start, rows in iter_embeddings(
+        model,
+        processor,
+        matrix,
+        gene_names,
+        gene_ids,
+        batch_size,
+        is_normalized,
+        representation,
+        autocast_dtype,
+        progress=progress,
+    ):
         if result is None:
             result = np.empty((matrix.shape[0], *rows.shape[1:]), dtype=rows.dtype)
         result[start : start + len(rows)] = rows
     return result
 
 
-def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm", layer: str | None = None,
-               is_normalized: bool = False, batch_size: int | None = None, representation: str = "cell_embedding",
-               autocast_dtype: torch.dtype | None = None, progress: bool = True, max_entries: int = CHUNK_ENTRIES) -> int:
+def embed_h5ad(
+    model,
+    processor,
+    input_path,
+    output_path,
+    key: str = "X_scpalm",
+    layer: str | None = None,
+    is_normalized: bool = False,
+    batch_size: int | None = None,
+    representation: str = "cell_embedding",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    max_entries: int = CHUNK_ENTRIES,
+) -> int:
     """
     Writes `output_path`: the `.h5ad` at `input_path`, byte for byte, plus the cells' representation in
     `obsm[key]`, streamed: cells are read and their rows written a chunk at a time, so memory follows the chunk, not
@@ -167,8 +210,19 @@ def embed_h5ad(model, processor, input_path, output_path, key: str = "X_scpalm",
             if key in obsm:
                 del obsm[key]
             rows_out = None
-            for start, rows in iter_embeddings(model, processor, matrix, gene_names, gene_ids, batch_size, is_normalized,
-                                               representation, autocast_dtype, max_entries, progress):
+            for start, rows in iter_embeddings(
+                model,
+                processor,
+                matrix,
+                gene_names,
+                gene_ids,
+                batch_size,
+                is_normalized,
+                representation,
+                autocast_dtype,
+                max_entries,
+                progress,
+            ):
                 if rows_out is None:
                     rows_out = obsm.create_dataset(key, shape=(matrix.shape[0], *rows.shape[1:]), dtype=rows.dtype)
                     rows_out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})

@@ -167,9 +167,7 @@ class ScPaLMSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (
-            states.view(shape).transpose(1, 2) for states in self.qkv(hidden_states).chunk(3, dim=-1)
-        )
+        query, key, value = (states.view(shape).transpose(1, 2) for states in self.qkv(hidden_states).chunk(3, dim=-1))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -276,14 +274,14 @@ class ScPaLMCellEncoder(nn.Module):
         return self.transformer(torch.cat([cell_token, tokens], dim=1), output_hidden_states)
 
     def cell_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
-        """h_C from the encoder's output `(batch, 1 + tokens, hidden)`: the mean over the cell token and the pathway
-        tokens, or the cell token's own output (the paper's). The mean keeps more directions of the cell apart
-        (docs/design.md)."""
-        return hidden.mean(1) if self.pooling == "mean" else hidden[:, 0]
+        """h_C from the encoder's output `(batch, 1 + tokens, hidden)`: the cell token's own output (the paper's),
+        or with `pooling="mean"` the mean over the cell token and the pathway tokens."""
+        return hidden[:, 0] if self.pooling == "cell_token" else hidden.mean(1)
 
 
 class ScPaLMGeneDecoder(nn.Module):
-    """Decodes N tokens into the expression of every vocabulary gene (Algorithm 3): slot k gives genes [k*s, (k+1)*s)."""
+    """Decodes N tokens into the expression of every vocabulary gene (Algorithm 3): slot k gives genes
+    [k*s, (k+1)*s)."""
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__()
@@ -291,7 +289,9 @@ class ScPaLMGeneDecoder(nn.Module):
         self.slot_embeddings = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size))
         self.transformer = ScPaLMTransformer(config, config.decoder_num_hidden_layers)
         # Slot k's own readout: every gene has its own loading on its slot's state (a grouped linear layer).
-        self.head_weight = nn.Parameter(torch.empty(config.num_pathway_tokens, config.hidden_size, config.genes_per_token))
+        self.head_weight = nn.Parameter(
+            torch.empty(config.num_pathway_tokens, config.hidden_size, config.genes_per_token)
+        )
         # Each gene's mean expression is not the tokens' business; a per-gene bias carries it.
         self.gene_bias = nn.Parameter(torch.empty(config.num_genes))
         # Nor is the cell's sequencing depth: the decoder is told it (as scVI's decoder is told the library size), so
@@ -307,7 +307,8 @@ class ScPaLMGeneDecoder(nn.Module):
         """Start the per-gene bias at the training data's mean expression, so the decoder's tokens learn the rest."""
         if mean_expression.shape != self.gene_bias.shape:
             raise ValueError(
-                f"`mean_expression` has shape {tuple(mean_expression.shape)}; the vocabulary has {self.num_genes} genes."
+                f"`mean_expression` has shape {tuple(mean_expression.shape)}; "
+                f"the vocabulary has {self.num_genes} genes."
             )
         self.gene_bias.copy_(mean_expression.to(self.gene_bias))
 
@@ -340,7 +341,9 @@ def sample_kept_token_indices(
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """(batch, num_kept) random pathway-token indices, sorted (section 3.3), drawn afresh for every cell."""
-    return kept_token_indices_from_noise(torch.rand(batch_size, num_tokens, generator=generator, device=device), num_kept)
+    return kept_token_indices_from_noise(
+        torch.rand(batch_size, num_tokens, generator=generator, device=device), num_kept
+    )
 
 
 def kept_token_indices_from_noise(noise: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -516,7 +519,9 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading puts in new parameters that require grad: freeze this head's fixed parts again.
         model.freeze_frozen_modules()
-        if (model.config.architectures or [None])[0] == "ScPaLMForPathwayReconstruction" and not cls.__name__.startswith(
+        if (model.config.architectures or [None])[
+            0
+        ] == "ScPaLMForPathwayReconstruction" and not cls.__name__.startswith(
             ("ScPaLMForPathwayReconstruction", "ScPaLMForCellPretraining")
         ):
             warnings.warn(
@@ -556,13 +561,16 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             attention_mask = torch.ones_like(gene_ids, dtype=torch.bool)
         elif attention_mask.shape != gene_ids.shape:
             raise ValueError(
-                f"`attention_mask` {tuple(attention_mask.shape)} must have the shape of `gene_ids` {tuple(gene_ids.shape)}."
+                f"`attention_mask` {tuple(attention_mask.shape)} must have the shape of "
+                f"`gene_ids` {tuple(gene_ids.shape)}."
             )
         num_genes = self.config.num_genes
         if measured_gene_mask is None:
             measured_gene_mask = torch.ones(num_genes, dtype=torch.bool, device=gene_ids.device)
-        elif measured_gene_mask.shape[-1] != num_genes or measured_gene_mask.dim() not in (1, 2) or (
-            measured_gene_mask.dim() == 2 and measured_gene_mask.shape[0] != gene_ids.shape[0]
+        elif (
+            measured_gene_mask.shape[-1] != num_genes
+            or measured_gene_mask.dim() not in (1, 2)
+            or (measured_gene_mask.dim() == 2 and measured_gene_mask.shape[0] != gene_ids.shape[0])
         ):
             raise ValueError(
                 f"`measured_gene_mask` {tuple(measured_gene_mask.shape)} must be ({num_genes},) or "
@@ -656,9 +664,13 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         kept_token_indices (`(batch_size, kept_tokens)`, *optional*): sorted pathway-token indices for the cell
             encoder; all N tokens by default, which is how cell embeddings are computed.
         """
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        attention_mask, measured_gene_mask = self._check_inputs(
+            gene_ids, gene_values, attention_mask, measured_gene_mask
+        )
         pathway = self.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask, output_hidden_states)
         # The cell encoder reads the pathway encoder's output, not its codes (docs/design.md: the codes lose cells).
         expression_read = self.cell_encoder.read_expression(gene_ids, gene_values, attention_mask, measured_gene_mask)
@@ -707,7 +719,9 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         batch_ids (`(batch_size,)`, *optional*): each cell's batch, for a model with `config.num_batches` > 0.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        attention_mask, measured_gene_mask = self._check_inputs(
+            gene_ids, gene_values, attention_mask, measured_gene_mask
+        )
         self._check_batch_ids(batch_ids, gene_ids.shape[0])
         pathway = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask)
         # The decoder reads the encoder's output; the quantizer learns its codes beside it (commitment loss, codebook
@@ -757,7 +771,9 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         return self
 
     def sample_kept_token_indices(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        return sample_kept_token_indices(batch_size, self.config.num_pathway_tokens, self.config.num_kept_tokens, device=device)
+        return sample_kept_token_indices(
+            batch_size, self.config.num_pathway_tokens, self.config.num_kept_tokens, device=device
+        )
 
     def forward(
         self,
@@ -777,11 +793,15 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         batch_ids (`(batch_size,)`, *optional*): each cell's batch, for a model with `config.num_batches` > 0.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        attention_mask, measured_gene_mask = self._check_inputs(gene_ids, gene_values, attention_mask, measured_gene_mask)
+        attention_mask, measured_gene_mask = self._check_inputs(
+            gene_ids, gene_values, attention_mask, measured_gene_mask
+        )
         self._check_batch_ids(batch_ids, gene_ids.shape[0])
         batch_size, device = gene_ids.shape[0], gene_ids.device
         with torch.no_grad():
-            tokens = self.scpalm.encode_pathways(gene_ids, gene_values, attention_mask, measured_gene_mask).encoder_output
+            tokens = self.scpalm.encode_pathways(
+                gene_ids, gene_values, attention_mask, measured_gene_mask
+            ).encoder_output
         if kept_token_indices is None:
             kept_token_indices = self.sample_kept_token_indices(batch_size, device)
         cell_encoder = self.scpalm.cell_encoder
@@ -871,7 +891,9 @@ class ScPaLMForCellClassification(ScPaLMPreTrainedModel):
 CELL_DEPTH_FEATURES = 2
 
 
-def cell_depth(gene_values: torch.Tensor, attention_mask: torch.Tensor, measured_gene_mask: torch.Tensor) -> torch.Tensor:
+def cell_depth(
+    gene_values: torch.Tensor, attention_mask: torch.Tensor, measured_gene_mask: torch.Tensor
+) -> torch.Tensor:
     """(batch, 2) depth of each cell, from all its genes: the log of the share of its panel it expresses, and the mean
     of its expressed values."""
     expressed = (attention_mask & (gene_values != 0)).float()
@@ -901,7 +923,11 @@ def top_expressed_genes(
         priority = gene_values.float().abs().masked_fill(~expressed, -1.0).gather(1, by_gene)
         chosen = by_gene.gather(1, priority.argsort(dim=1, descending=True, stable=True)[:, :max_genes])
     chosen = chosen.sort(dim=1).values
-    return gene_ids.gather(1, chosen), gene_values.gather(1, chosen), attention_mask.gather(1, chosen) & expressed.gather(1, chosen)
+    return (
+        gene_ids.gather(1, chosen),
+        gene_values.gather(1, chosen),
+        attention_mask.gather(1, chosen) & expressed.gather(1, chosen),
+    )
 
 
 def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -215,8 +215,11 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_batch_size = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     genes_per_cell = _genes_read_per_cell(data.lengths, model.config.max_genes_per_cell)
-    max_steps = args.max_steps if args.max_steps is not None else default_max_steps(
-        steps_per_epoch, args.num_epochs, total_batch_size, genes_per_cell)
+    max_steps = (
+        args.max_steps
+        if args.max_steps is not None
+        else default_max_steps(steps_per_epoch, args.num_epochs, total_batch_size, genes_per_cell)
+    )
     learning_rate = args.learning_rate if args.learning_rate is not None else STAGE_LEARNING_RATES[stage]
     optimizer, scheduler = _optimizer_and_schedule(model, args, learning_rate, max_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -355,8 +358,12 @@ class _TrainingLoop:
             accelerator.print(f"Resumed stage {self.stage} from {resume} at step {self.completed_steps}")
         if accelerator.is_main_process:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
-        progress = tqdm(total=max_steps, initial=self.completed_steps, desc=f"stage {self.stage}",
-                        disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=max_steps,
+            initial=self.completed_steps,
+            desc=f"stage {self.stage}",
+            disable=not accelerator.is_local_main_process,
+        )
         model.train()
         epoch = self.completed_steps // steps_per_epoch
         self.log_clock, self.steps_since_log = time.perf_counter(), 0
@@ -376,8 +383,9 @@ class _TrainingLoop:
                 self.steps_since_log += 1
                 progress.update(1)
                 record = self._log(output, max_steps, progress) or record
-                if eval_loader is not None and (self.completed_steps % args.eval_steps == 0
-                                                or self.completed_steps == max_steps):
+                if eval_loader is not None and (
+                    self.completed_steps % args.eval_steps == 0 or self.completed_steps == max_steps
+                ):
                     eval_record = {"step": self.completed_steps, **evaluate(model, eval_loader, accelerator)}
                     _append_log(accelerator, self.log_file, eval_record)
                     self.log_clock = time.perf_counter()
@@ -411,8 +419,12 @@ class _TrainingLoop:
             return None
         # Training speed alone: the clock restarts after evaluations and checkpoints.
         cells_per_second = self.steps_since_log * self.total_batch_size / (time.perf_counter() - self.log_clock)
-        record = {"step": self.completed_steps, "lr": self.scheduler.get_last_lr()[0], **_loss_parts(output),
-                  "cells_per_second": round(cells_per_second, 1)}
+        record = {
+            "step": self.completed_steps,
+            "lr": self.scheduler.get_last_lr()[0],
+            **_loss_parts(output),
+            "cells_per_second": round(cells_per_second, 1),
+        }
         progress.set_postfix(loss=f"{record['loss']:.4f}")
         _append_log(self.accelerator, self.log_file, record)
         self.log_clock, self.steps_since_log = time.perf_counter(), 0
@@ -427,10 +439,15 @@ def _write_summary(accelerator, stage_dir: Path, summary: dict):
     partial = stage_dir / f".{TRAINING_SUMMARY_FILE}.partial"
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, stage_dir / TRAINING_SUMMARY_FILE)
-    held_out = (f"held-out loss {summary['eval_loss']:.4f} (reconstruction {summary['eval_reconstruction_loss']:.4f})"
-                if summary["eval_loss"] is not None else "no held-out cells")
-    accelerator.print(f"Stage {summary['stage']}: {summary['steps']} steps, training loss {summary['train_loss']:.4f}, "
-                      f"{held_out}; saved to {stage_dir}")
+    held_out = (
+        f"held-out loss {summary['eval_loss']:.4f} (reconstruction {summary['eval_reconstruction_loss']:.4f})"
+        if summary["eval_loss"] is not None
+        else "no held-out cells"
+    )
+    accelerator.print(
+        f"Stage {summary['stage']}: {summary['steps']} steps, training loss {summary['train_loss']:.4f}, "
+        f"{held_out}; saved to {stage_dir}"
+    )
 
 
 @torch.no_grad()
@@ -458,8 +475,15 @@ def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
 
 
 def _loss_parts(output) -> dict[str, float]:
-    names = ("loss", "reconstruction_loss", "token_reconstruction_loss", "commitment_loss", "contrastive_loss",
-             "codebook_perplexity", "num_dead_codes")
+    names = (
+        "loss",
+        "reconstruction_loss",
+        "token_reconstruction_loss",
+        "commitment_loss",
+        "contrastive_loss",
+        "codebook_perplexity",
+        "num_dead_codes",
+    )
     return {name: float(getattr(output, name).detach()) for name in names if getattr(output, name, None) is not None}
 
 

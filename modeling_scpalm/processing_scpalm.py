@@ -165,8 +165,8 @@ class ScPaLMProcessor(FeatureExtractionMixin):
                     f"The input covers {match.num_measured_vocabulary_genes / self.num_genes:.1%} of the model's "
                     f"vocabulary ({match}), under {MIN_VOCABULARY_COVERAGE:.0%}: each token pools only the genes "
                     "measured, so these cells embed unlike the ones the model learned on. Likely causes: a subset of "
-                    "genes (highly variable genes only: pass all measured genes, e.g. `adata.raw` / --use_raw), another "
-                    "gene panel, or another species.",
+                    "genes (highly variable genes only: pass all measured genes, e.g. `adata.raw` / --use_raw), "
+                    "another gene panel, or another species.",
                     stacklevel=3,
                 )
             self._last_match = (key, match)
@@ -188,13 +188,16 @@ class ScPaLMProcessor(FeatureExtractionMixin):
             expression = expression.to_memory()
         matrix = expression if sp.issparse(expression) else np.asarray(expression)
         if matrix.dtype != bool and (not np.issubdtype(matrix.dtype, np.number) or np.iscomplexobj(matrix)):
-            raise TypeError(f"Expression values must be real numbers, got dtype {matrix.dtype}: convert the matrix first.")
+            raise TypeError(
+                f"Expression values must be real numbers, got dtype {matrix.dtype}: convert the matrix first."
+            )
         matrix = sp.csr_matrix(matrix)
         if matrix.shape[0] == 0:
             raise ValueError("The expression matrix has no cells (0 rows): pass at least one cell.")
         if gene_names is None or len(gene_names) != matrix.shape[1]:
             raise ValueError(
-                f"The matrix has {matrix.shape[1]:,} genes (columns) but {'no' if gene_names is None else len(gene_names)} "
+                f"The matrix has {matrix.shape[1]:,} genes (columns) but "
+                f"{'no' if gene_names is None else len(gene_names)} "
                 "gene names were given: pass one name per column (cells are rows)."
             )
         _check_values(matrix, is_normalized, self.target_sum)
@@ -278,7 +281,9 @@ class ScPaLMProcessor(FeatureExtractionMixin):
             "feature_extractor_type": type(self).__name__,
             # With processing_scpalm.py beside it (save_pretrained copies it), the folder loads without this package:
             # `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
-            "auto_map": {auto_class: f"processing_scpalm.{type(self).__name__}" for auto_class in PROCESSOR_AUTO_CLASSES},
+            "auto_map": {
+                auto_class: f"processing_scpalm.{type(self).__name__}" for auto_class in PROCESSOR_AUTO_CLASSES
+            },
             "gene_names": self.gene_names,
             "gene_ids": self.gene_ids,
             "target_sum": self.target_sum,
@@ -327,7 +332,8 @@ def _check_values(matrix: sp.csr_matrix, is_normalized: bool, target_sum: float)
 def _check_nonempty(empty: np.ndarray, what: str, first_row: int = 0):
     if empty.any():
         raise ValueError(
-            f"{int(empty.sum()):,} cells {what} (first at rows {(np.flatnonzero(empty)[:5] + first_row).tolist()}): remove them "
+            f"{int(empty.sum()):,} cells {what} (first at rows {(np.flatnonzero(empty)[:5] + first_row).tolist()}): "
+            "remove them "
             "first, e.g. `sc.pp.filter_cells(adata, min_counts=1)` on the genes the model knows."
         )
 

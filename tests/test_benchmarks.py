@@ -19,11 +19,18 @@ def benchmarks_importable(monkeypatch):
 
 @pytest.mark.parametrize(
     "script, options",
-    [("inference", []), ("vocabulary", []), ("training", ["--dtype", "float32", "bfloat16"]), ("data_pipeline", []),
-     ("probe", []), ("batching", ["--dtype", "float32", "bfloat16"]), ("cli_startup", []),
-     pytest.param("embed_memory", [], marks=pytest.mark.slow),
-     pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
-     pytest.param("training", ["--compile"], marks=pytest.mark.slow)],
+    [
+        ("inference", []),
+        ("vocabulary", []),
+        ("training", ["--dtype", "float32", "bfloat16"]),
+        ("data_pipeline", []),
+        ("probe", []),
+        ("batching", ["--dtype", "float32", "bfloat16"]),
+        ("cli_startup", []),
+        pytest.param("embed_memory", [], marks=pytest.mark.slow),
+        pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
+        pytest.param("training", ["--compile"], marks=pytest.mark.slow),
+    ],
 )
 def test_benchmark_runs_and_prints_its_table(script, options, monkeypatch, capsys, pbmc3k):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--quick", *options])
@@ -140,13 +147,26 @@ def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     results = json.loads((output / "results.json").read_text())
     methods = {row["method"] for row in results["annotation"] if "ari" in row}
     assert {"scPaLM zero-shot", "scPaLM adapted", "scPaLM (trained on it)", "PCA (256)", "PCA (50)"} <= methods
-    assert {"h_C", "h_C, with the contrastive loss (weight 1)", "pathway tokens, mean", "h_C, no_encoder_no_quantizer"} <= set(results["ablations"])
+    assert {
+        "h_C",
+        "h_C, with the contrastive loss (weight 1)",
+        "pathway tokens, mean",
+        "h_C, no_encoder_no_quantizer",
+    } <= set(results["ablations"])
     imputation = {row["method"]: row for row in results["imputation"]}
-    assert all(0 < imputation[name]["rmse"] < 5 for name in ("scPaLM zero-shot", "kNN smoothing (15 neighbours)", "gene mean"))
+    assert all(
+        0 < imputation[name]["rmse"] < 5 for name in ("scPaLM zero-shot", "kNN smoothing (15 neighbours)", "gene mean")
+    )
     # The per-gene embedding costs more than pooling into N tokens, at the same batch.
     memory = {row["embedding"]: row["peak_mib"] for row in results["memory"]}
     assert memory["per-gene tokens"] > memory["permutation-invariant"]
-    for section in ("Unsupervised cell-type annotation", "Ablations", "Embedding memory", "Imputation", "Pathway identification"):
+    for section in (
+        "Unsupervised cell-type annotation",
+        "Ablations",
+        "Embedding memory",
+        "Imputation",
+        "Pathway identification",
+    ):
         assert f"## {section}" in report or f"### {section}" in report
     figures = {path.name for path in (output / "figures").iterdir()}
     assert {"annotation.png", "imputation.png", "umap_pbmc3k.png"} <= figures
@@ -173,15 +193,31 @@ def test_drug_response_benchmark_writes_its_report(tmp_path):
     ScPaLMModel(ScPaLMConfig.from_preset("tiny", num_genes=processor.num_genes)).save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     output = tmp_path / "report"
-    main(["--output_dir", str(output), "--quick", "--scpalm_model", str(tmp_path / "model"),
-          "--variants", "expression (DeepCDR)", "scPaLM embedding"])
+    main(
+        [
+            "--output_dir",
+            str(output),
+            "--quick",
+            "--scpalm_model",
+            str(tmp_path / "model"),
+            "--variants",
+            "expression (DeepCDR)",
+            "scPaLM embedding",
+        ]
+    )
     results = json.loads((output / "results.json").read_text())
     runs = {(run["split"], run["variant"]): run for run in results["runs"]}
-    assert set(runs) == {(split, variant) for split in ("random", "cell_line")
-                         for variant in ("drug mean (baseline)", "expression (DeepCDR)", "scPaLM embedding")}
+    assert set(runs) == {
+        (split, variant)
+        for split in ("random", "cell_line")
+        for variant in ("drug mean (baseline)", "expression (DeepCDR)", "scPaLM embedding")
+    }
     assert all(-1 <= run["pcc"] <= 1 and run["rmse"] > 0 for run in runs.values())
     assert "689 of 689" in results["scpalm_gene_match"]
-    assert {path.name for path in (output / "figures").iterdir()} == {"figure6_pcc_by_group.png", "figure7_best_cancer_type.png"}
+    assert {path.name for path in (output / "figures").iterdir()} == {
+        "figure6_pcc_by_group.png",
+        "figure7_best_cancer_type.png",
+    }
     assert "| random | expression (DeepCDR) |" in (output / "report.md").read_text()
 
 

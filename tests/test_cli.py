@@ -37,7 +37,19 @@ def test_embed_writes_the_embeddings_and_keeps_everything_else(saved_model, cell
 
     folder, model = saved_model
     path, cells = cells_file
-    main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / "out.h5ad"), "--batch_size", "64"])
+    main(
+        [
+            "embed",
+            "--model",
+            str(folder),
+            "--input",
+            str(path),
+            "--output",
+            str(tmp_path / "out.h5ad"),
+            "--batch_size",
+            "64",
+        ]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"], "written under a temporary name, then renamed"
     with open(path, "rb") as source, open(tmp_path / "out.h5ad", "rb") as target:  # the input, plus one obsm entry
         assert len(target.read()) > len(source.read())
@@ -66,8 +78,9 @@ def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_
     np.testing.assert_allclose(first, second, atol=1e-5, rtol=1e-4)
 
 
-def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(saved_model, cells_file, pbmc3k_processor,
-                                                                           monkeypatch):
+def test_default_cpu_batches_are_sized_for_the_dtype_the_model_computes_in(
+    saved_model, cells_file, pbmc3k_processor, monkeypatch
+):
     from modeling_scpalm import inference
 
     _, model = saved_model
@@ -93,30 +106,63 @@ def test_embed_stops_on_bad_arguments(saved_model, cells_file, tmp_path, capsys)
     folder, _ = saved_model
     path, _ = cells_file
     cases = [
-        (["--model", str(folder), "--input", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "o.h5ad")], "no such file"),
+        (
+            ["--model", str(folder), "--input", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "o.h5ad")],
+            "no such file",
+        ),
         (["--model", str(folder), "--input", str(path), "--output", str(path)], "exists"),
-        (["--model", str(tmp_path), "--input", str(path), "--output", str(tmp_path / "o.h5ad")], "not a saved scPaLM model"),
-        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "no" / "o.h5ad")], "is not a folder"),
-        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--layer", "spliced"],
-         "no layer 'spliced': its layers are ['counts_copy']"),
-        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--use_raw"],
-         "has no `raw`"),
-        (["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--use_raw", "--layer", "x"],
-         "not both"),
+        (
+            ["--model", str(tmp_path), "--input", str(path), "--output", str(tmp_path / "o.h5ad")],
+            "not a saved scPaLM model",
+        ),
+        (
+            ["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "no" / "o.h5ad")],
+            "is not a folder",
+        ),
+        (
+            ["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--layer", "spliced"],
+            "no layer 'spliced': its layers are ['counts_copy']",
+        ),
+        (
+            ["--model", str(folder), "--input", str(path), "--output", str(tmp_path / "o.h5ad"), "--use_raw"],
+            "has no `raw`",
+        ),
+        (
+            [
+                "--model",
+                str(folder),
+                "--input",
+                str(path),
+                "--output",
+                str(tmp_path / "o.h5ad"),
+                "--use_raw",
+                "--layer",
+                "x",
+            ],
+            "not both",
+        ),
     ]
     truncated = tmp_path / "truncated.h5ad"
     truncated.write_bytes(path.read_bytes()[:5000])
     not_hdf5 = tmp_path / "table.h5ad"
     not_hdf5.write_text("gene,cell\nCD3E,1\n")
     for source in (truncated, not_hdf5):
-        cases.append((["--model", str(folder), "--input", str(source), "--output", str(tmp_path / "o.h5ad")],
-                      "could not be read as an .h5ad file"))
+        cases.append(
+            (
+                ["--model", str(folder), "--input", str(source), "--output", str(tmp_path / "o.h5ad")],
+                "could not be read as an .h5ad file",
+            )
+        )
     broken_model = tmp_path / "broken_model"
     shutil.copytree(folder, broken_model)
     weights = broken_model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
-    cases.append((["--model", str(broken_model), "--input", str(path), "--output", str(tmp_path / "o.h5ad")],
-                  "is its model.safetensors complete"))
+    cases.append(
+        (
+            ["--model", str(broken_model), "--input", str(path), "--output", str(tmp_path / "o.h5ad")],
+            "is its model.safetensors complete",
+        )
+    )
     for arguments, message in cases:
         with pytest.raises(SystemExit):
             main(["embed", *arguments])
@@ -132,7 +178,17 @@ def test_embed_refuses_normalised_values_as_counts(saved_model, tmp_path, capsys
     normalised = sc.datasets.pbmc68k_reduced().raw.to_adata()
     normalised.write_h5ad(tmp_path / "normalised.h5ad")
     with pytest.raises(SystemExit):
-        main(["embed", "--model", str(folder), "--input", str(tmp_path / "normalised.h5ad"), "--output", str(tmp_path / "o.h5ad")])
+        main(
+            [
+                "embed",
+                "--model",
+                str(folder),
+                "--input",
+                str(tmp_path / "normalised.h5ad"),
+                "--output",
+                str(tmp_path / "o.h5ad"),
+            ]
+        )
     error = capsys.readouterr().err
     assert "non-integer values" in error and "--is_normalized" in error and "Traceback" not in error
     assert not (tmp_path / "o.h5ad").exists()
@@ -161,11 +217,19 @@ def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cel
         "pathway_codes": output.pathway_codes.numpy(),
     }
     for representation, values in expected.items():
-        got = embed_anndata(model, pbmc3k_processor, cells, batch_size=16, progress=False, representation=representation)
+        got = embed_anndata(
+            model, pbmc3k_processor, cells, batch_size=16, progress=False, representation=representation
+        )
         np.testing.assert_allclose(got, values, atol=1e-5, rtol=1e-4, err_msg=representation)
-    np.testing.assert_allclose(embed_anndata(model, pbmc3k_processor, cells, progress=False),  # default batches
-                               output.cell_embedding.numpy(), atol=1e-5, rtol=1e-4)
-    assert embed_anndata(model, pbmc3k_processor, cells, progress=False, representation="pathway_codes").dtype == np.int64
+    np.testing.assert_allclose(
+        embed_anndata(model, pbmc3k_processor, cells, progress=False),  # default batches
+        output.cell_embedding.numpy(),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    assert (
+        embed_anndata(model, pbmc3k_processor, cells, progress=False, representation="pathway_codes").dtype == np.int64
+    )
     with pytest.raises(ValueError, match="choose one of"):
         embed_anndata(model, pbmc3k_processor, cells, representation="mean")
     with pytest.raises(ValueError, match="no cells"):
@@ -177,15 +241,19 @@ def test_every_pbmc3k_cell_gets_one_embedding_in_any_batch_or_file(saved_model, 
     _, model = saved_model
     reference = embed_anndata(model, pbmc3k_processor, pbmc3k, batch_size=64, progress=False)
     other_batches = embed_anndata(model, pbmc3k_processor, pbmc3k, batch_size=7, progress=False)
-    halves = [embed_anndata(model, pbmc3k_processor, pbmc3k[part].copy(), progress=False)
-              for part in (slice(None, 1000), slice(1000, None))]
+    halves = [
+        embed_anndata(model, pbmc3k_processor, pbmc3k[part].copy(), progress=False)
+        for part in (slice(None, 1000), slice(1000, None))
+    ]
     for embedding in (other_batches, np.concatenate(halves)):
         distance = np.linalg.norm(embedding - reference, axis=1)
         worst = int(distance.argmax())
         assert distance[worst] < 1e-4 * np.linalg.norm(reference[worst]), f"cell {worst} moved by {distance[worst]:.3g}"
 
 
-def test_embed_streams_chunks_of_cells_from_disk_with_the_in_memory_result(saved_model, pbmc3k, pbmc3k_processor, tmp_path):
+def test_embed_streams_chunks_of_cells_from_disk_with_the_in_memory_result(
+    saved_model, pbmc3k, pbmc3k_processor, tmp_path
+):
     """Chunks of a few cells read from the file (sparse or dense, X, a layer or raw) give what the whole file in memory
     gives; so does an AnnData opened in backed mode."""
     import anndata as ad
@@ -206,15 +274,22 @@ def test_embed_streams_chunks_of_cells_from_disk_with_the_in_memory_result(saved
     assert len(row_chunks(cells.X, max_entries=20_000)) > 5  # several chunks, cut by the row pointers
     for source, layer in ((sparse_path, None), (dense_path, None), (sparse_path, "counts"), (sparse_path, "raw")):
         output = tmp_path / f"out_{source.stem}_{layer}.h5ad"
-        assert embed_h5ad(model, pbmc3k_processor, source, output, layer=layer, progress=False, max_entries=20_000) == 300
+        assert (
+            embed_h5ad(model, pbmc3k_processor, source, output, layer=layer, progress=False, max_entries=20_000) == 300
+        )
         written = ad.read_h5ad(output)
-        np.testing.assert_allclose(written.obsm["X_scpalm"], expected, atol=1e-5, rtol=1e-4, err_msg=f"{source.stem} {layer}")
+        np.testing.assert_allclose(
+            written.obsm["X_scpalm"], expected, atol=1e-5, rtol=1e-4, err_msg=f"{source.stem} {layer}"
+        )
         assert (written.layers["counts"] != cells.X).nnz == 0
     backed = ad.read_h5ad(sparse_path, backed="r")
-    np.testing.assert_allclose(embed_anndata(model, pbmc3k_processor, backed, progress=False), expected, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        embed_anndata(model, pbmc3k_processor, backed, progress=False), expected, atol=1e-5, rtol=1e-4
+    )
     with torch.no_grad():  # the processor reads a backed AnnData too
-        np.testing.assert_allclose(model(**pbmc3k_processor(backed[:50])).cell_embedding.numpy(), expected[:50],
-                                   atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(
+            model(**pbmc3k_processor(backed[:50])).cell_embedding.numpy(), expected[:50], atol=1e-5, rtol=1e-4
+        )
     with pytest.raises(ValueError, match="no layer 'spliced'.*counts"):
         embed_anndata(model, pbmc3k_processor, cells, layer="spliced")
 
@@ -226,10 +301,27 @@ def test_embed_compiled_or_in_half_precision_stays_with_float32_eager(saved_mode
     folder, _ = saved_model
     path, _ = cells_file
     written = {}
-    runs = {"eager": [], "compiled": ["--compile"], "bfloat16": ["--dtype", "bfloat16"], "float16": ["--dtype", "float16"]}
+    runs = {
+        "eager": [],
+        "compiled": ["--compile"],
+        "bfloat16": ["--dtype", "bfloat16"],
+        "float16": ["--dtype", "float16"],
+    }
     for name, options in runs.items():
-        main(["embed", "--model", str(folder), "--input", str(path), "--output", str(tmp_path / f"{name}.h5ad"),
-              "--batch_size", "64", *options])
+        main(
+            [
+                "embed",
+                "--model",
+                str(folder),
+                "--input",
+                str(path),
+                "--output",
+                str(tmp_path / f"{name}.h5ad"),
+                "--batch_size",
+                "64",
+                *options,
+            ]
+        )
         written[name] = ad.read_h5ad(tmp_path / f"{name}.h5ad").obsm["X_scpalm"]
     np.testing.assert_allclose(written["compiled"], written["eager"], atol=1e-4, rtol=1e-4)
     for dtype in ("bfloat16", "float16"):
@@ -252,11 +344,18 @@ def test_embedding_needs_only_the_core_install(saved_model, cells_file, tmp_path
         for name in {extras!r}:
             sys.modules[name] = None  # not installed
         from modeling_scpalm.cli import main
-        main(["embed", "--model", {str(folder)!r}, "--input", {str(path)!r}, "--output", {str(tmp_path / "out.h5ad")!r}])
+        main(["embed", "--model", {str(folder)!r}, "--input", {str(path)!r},
+              "--output", {str(tmp_path / "out.h5ad")!r}])
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.h5ad").is_file()
 
@@ -281,7 +380,10 @@ def test_the_command_line_loads_no_heavy_library_before_its_arguments_are_known(
     )
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "usage: scpalm {pretrain,embed,finetune,evaluate}" in result.stdout and "usage: scpalm finetune" in result.stdout
+    assert (
+        "usage: scpalm {pretrain,embed,finetune,evaluate}" in result.stdout
+        and "usage: scpalm finetune" in result.stdout
+    )
     assert "not a saved scPaLM model" in result.stderr
 
 
@@ -311,5 +413,6 @@ def test_a_command_whose_extra_is_missing_names_the_extra(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("scpalm pretrain: error: needs accelerate, datasets (not installed): "
-                                     "pip install 'scpalm[train]'")
+    assert result.stderr.strip() == (
+        "scpalm pretrain: error: needs accelerate, datasets (not installed): pip install 'scpalm[train]'"
+    )

@@ -40,7 +40,12 @@ def two_panels(tmp_path_factory):
 def built(two_panels, tmp_path_factory):
     output = tmp_path_factory.mktemp("dataset") / "cells"
     processor, report = build_pretraining_dataset(
-        [two_panels[0], two_panels[1]], output, eval_fraction=0.1, chunk_size=128, max_shard_size="200KB", progress=False
+        [two_panels[0], two_panels[1]],
+        output,
+        eval_fraction=0.1,
+        chunk_size=128,
+        max_shard_size="200KB",
+        progress=False,
     )
     return output, processor, report
 
@@ -103,8 +108,9 @@ def test_a_batch_key_gives_every_cell_its_batch_across_files(tmp_path):
     second.obs["tech"] = second.obs["tech"].astype(str)  # text in one file, categorical in the other
     second.write_h5ad(tmp_path / "second.h5ad")
     output = tmp_path / "dataset"
-    _, report = build_pretraining_dataset([tmp_path / "first.h5ad", tmp_path / "second.h5ad"], output,
-                                          eval_fraction=0.0, batch_key="tech", progress=False)
+    _, report = build_pretraining_dataset(
+        [tmp_path / "first.h5ad", tmp_path / "second.h5ad"], output, eval_fraction=0.0, batch_key="tech", progress=False
+    )
     batches = load_batches(output)
     assert batches == sorted({*first.obs["tech"].astype(str), "V3"})
     assert f"{len(batches)} batches" in str(report)
@@ -186,7 +192,9 @@ def test_collated_batches_feed_both_pretraining_heads(built):
     config = ScPaLMConfig.from_preset("tiny", num_genes=processor.num_genes)
     rows = [dataset["train"][i] for i in range(0, 200, 10)]
     assert len({row["panel"] for row in rows}) == 2, "a batch that mixes panels"
-    ScPaLMForPathwayReconstruction(config)(**ScPaLMDataCollator.for_stage(config, panels, stage=1)(rows)).loss.backward()
+    ScPaLMForPathwayReconstruction(config)(
+        **ScPaLMDataCollator.for_stage(config, panels, stage=1)(rows)
+    ).loss.backward()
     ScPaLMForCellPretraining(config)(**ScPaLMDataCollator.for_stage(config, panels, stage=2)(rows)).loss.backward()
 
 

@@ -41,7 +41,9 @@ def test_ethanol_is_three_atoms_in_a_chain():
     hydrogens = graph.features[:, 55:60].argmax(1)
     assert degree.tolist() == [1, 2, 1] and hydrogens.tolist() == [3, 2, 1]
     # D^-1/2 (A + I) D^-1/2 with degrees (self loop included) 2, 3, 2.
-    expected = np.array([[1 / 2, 1 / np.sqrt(6), 0], [1 / np.sqrt(6), 1 / 3, 1 / np.sqrt(6)], [0, 1 / np.sqrt(6), 1 / 2]])
+    expected = np.array(
+        [[1 / 2, 1 / np.sqrt(6), 0], [1 / np.sqrt(6), 1 / 3, 1 / np.sqrt(6)], [0, 1 / np.sqrt(6), 1 / 2]]
+    )
     np.testing.assert_allclose(graph.adjacency, expected, rtol=1e-6)
 
 
@@ -96,7 +98,9 @@ def test_random_split_holds_out_each_cancer_types_share_without_leaks(data):
 def test_cell_line_split_never_shares_a_cell_line(data):
     split = cell_line_split(data.pairs, seed=1)
     lines = {name: set(data.pairs["cell_line"].iloc[rows]) for name, rows in split.items()}
-    assert not (lines["train"] & lines["test"] or lines["train"] & lines["validation"] or lines["validation"] & lines["test"])
+    assert not (
+        lines["train"] & lines["test"] or lines["train"] & lines["validation"] or lines["validation"] & lines["test"]
+    )
     assert sum(len(rows) for rows in split.values()) == len(data.pairs)
     assert 0.07 < len(lines["test"]) / data.pairs["cell_line"].nunique() < 0.13
 

@@ -214,8 +214,8 @@ def test_a_vocabulary_cached_under_autocast_does_not_serve_a_call_outside_it(inf
 
 
 def test_inference_reuses_panel_normalisers_only_for_the_same_panels(inference_cells, tiny_config):
-    """The cached vocabulary keeps the last panels' softmax normalisers: another mask, or the same mask tensor changed in place,
-    must get its own."""
+    """The cached vocabulary keeps the last panels' softmax normalisers: another mask, or the same mask tensor
+    changed in place, must get its own."""
     embeddings, inputs, measured = inference_cells
     with torch.no_grad():
         all_measured = embeddings(**inputs, measured_gene_mask=measured)

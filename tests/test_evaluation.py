@@ -30,9 +30,24 @@ def test_bio_scores_follow_the_labels_and_batch_scores_the_batches(three_chemist
 
     path = tmp_path / "cells.h5ad"
     three_chemistries.write_h5ad(path)
-    main(["evaluate", "--input", str(path), "--label_key", "cell_type", "--batch_key", "tech", "--obsm", "X_pca",
-          "--output_dir", str(tmp_path / "eval")])
-    assert {"scib_results.csv", "scib_results.md", "scib_results.svg"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    main(
+        [
+            "evaluate",
+            "--input",
+            str(path),
+            "--label_key",
+            "cell_type",
+            "--batch_key",
+            "tech",
+            "--obsm",
+            "X_pca",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert {"scib_results.csv", "scib_results.md", "scib_results.svg"} <= {
+        p.name for p in (tmp_path / "eval").iterdir()
+    }
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "eval" / "scib_results.csv", index_col=0)

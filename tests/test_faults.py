@@ -25,8 +25,12 @@ SMALL_RUN = ["--preset", "tiny", "--per_device_batch_size", "32", "--eval_steps"
 
 def start(arguments: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    return subprocess.Popen([sys.executable, "-m", "modeling_scpalm.cli", *arguments], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "modeling_scpalm.cli", *arguments],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def kill_when(process: subprocess.Popen, ready, log: Path, timeout: float = 300.0):
@@ -35,7 +39,9 @@ def kill_when(process: subprocess.Popen, ready, log: Path, timeout: float = 300.
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"the process ended (or ran {timeout:.0f} s) before the point to kill it:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the process ended (or ran {timeout:.0f} s) before the point to kill it:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.001)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -57,7 +63,17 @@ def test_embed_killed_while_writing_leaves_no_output_and_the_rerun_works(pbmc3k_
     pbmc3k_processor.save_pretrained(model_dir)
     source, output = data_file("scrna/pbmc3k_2638.h5ad"), tmp_path / "out" / "embedded.h5ad"
     output.parent.mkdir()
-    arguments = ["embed", "--model", str(model_dir), "--input", str(source), "--output", str(output), "--batch_size", "4"]
+    arguments = [
+        "embed",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--batch_size",
+        "4",
+    ]
     log = tmp_path / "embed.log"
     process = start(arguments, log)
     kill_when(process, lambda: any(output.parent.glob(".embedded.h5ad.partial-*")), log)
@@ -69,7 +85,17 @@ def test_embed_killed_while_writing_leaves_no_output_and_the_rerun_works(pbmc3k_
 
 def test_dataset_build_killed_midway_then_the_same_command_trains(cells_file, tmp_path):
     run = tmp_path / "run"
-    arguments = ["--train_file", str(cells_file), "--output_dir", str(run), "--stage", "1", "--max_steps", "2", *SMALL_RUN]
+    arguments = [
+        "--train_file",
+        str(cells_file),
+        "--output_dir",
+        str(run),
+        "--stage",
+        "1",
+        "--max_steps",
+        "2",
+        *SMALL_RUN,
+    ]
     log = tmp_path / "build.log"
     process = start(["pretrain", *arguments], log)
     kill_when(process, lambda: any(run.glob(".dataset.partial-*/*")), log)
@@ -91,8 +117,19 @@ def dataset_dir(cells_file):
 def test_a_checkpoint_killed_while_saving_is_skipped_on_resuming(dataset_dir, tmp_path):
     run = tmp_path / "run"
     checkpoints = run / "checkpoints" / "stage_1"
-    arguments = ["--dataset_dir", str(dataset_dir), "--output_dir", str(run), "--stage", "1", "--max_steps", "12",
-                 "--checkpointing_steps", "1", *SMALL_RUN]
+    arguments = [
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(run),
+        "--stage",
+        "1",
+        "--max_steps",
+        "12",
+        "--checkpointing_steps",
+        "1",
+        *SMALL_RUN,
+    ]
     log = tmp_path / "train.log"
     process = start(["pretrain", *arguments], log)
     # Killed while a checkpoint is being written, once an earlier one is complete.

@@ -29,8 +29,16 @@ def test_trainer_fits_the_classification_head(tmp_path):
     torch.manual_seed(0)
     model = ScPaLMForCellClassification(config)
     arguments = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=8, learning_rate=3e-3,
-        report_to=[], logging_steps=1, save_strategy="no", remove_unused_columns=False, use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=8,
+        learning_rate=3e-3,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collate)
     trainer.train()

@@ -60,8 +60,13 @@ def test_a_stage_one_model_predicts_every_hidden_value(pbmc3k, pbmc3k_processor)
     # A cell's reconstruction does not depend on its batch: every batch's entries land on its own cells (batches hold
     # cells sorted by length, not in input order), with fixed batches as with the default ones (by gene entries).
     for batch_size in (64, None):
-        np.testing.assert_allclose(impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=batch_size),
-                                   predicted, rtol=1e-4, atol=1e-5, err_msg=str(batch_size))
+        np.testing.assert_allclose(
+            impute_with_model(model, pbmc3k_processor, masked, measured, batch_size=batch_size),
+            predicted,
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=str(batch_size),
+        )
     # The first cell's predictions are its own reconstruction's entries.
     inputs = pbmc3k_processor.pad(masked.cells[:1])
     with torch.no_grad():

@@ -56,7 +56,9 @@ def test_ablation_configs_turn_off_the_pathway_encoder_and_the_quantizer(tiny_co
     assert len(model.cell_encoder.transformer.layers) == config.num_hidden_layers  # h_C still aggregates
     with torch.no_grad():
         output = model(**inputs)
-        tokens = model.encoder.norm(model.embeddings(**inputs, measured_gene_mask=torch.ones(config.num_genes, dtype=torch.bool)))
+        tokens = model.encoder.norm(
+            model.embeddings(**inputs, measured_gene_mask=torch.ones(config.num_genes, dtype=torch.bool))
+        )
     torch.testing.assert_close(output.pathway_tokens, tokens)  # embedding straight to the cell encoder
     assert output.pathway_codes is None and output.cell_embedding.std(0).min() > 0
 
@@ -103,9 +105,13 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
     torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
-    depth = cell_depth(inputs["gene_values"], inputs["attention_mask"], torch.ones(tiny_config.num_genes, dtype=torch.bool))
+    depth = cell_depth(
+        inputs["gene_values"], inputs["attention_mask"], torch.ones(tiny_config.num_genes, dtype=torch.bool)
+    )
     with torch.no_grad():
-        decoder_input = (model.mask_token + output.cell_embedding[:, None]).expand(-1, tiny_config.num_pathway_tokens, -1)
+        decoder_input = (model.mask_token + output.cell_embedding[:, None]).expand(
+            -1, tiny_config.num_pathway_tokens, -1
+        )
         genes, decoded_tokens = model.cell_decoder(decoder_input, depth, output_hidden_states=True)
         torch.testing.assert_close(output.reconstruction, genes)
         # The second target: every stage-1 pathway token (masked or kept), from the same decoder states.
@@ -119,13 +125,14 @@ def test_stage_two_reconstructs_every_gene_from_h_c_alone(tiny_config, inputs):
 
 
 def test_cell_embedding_pooling(tiny_config, inputs):
-    """h_C is the mean of the cell encoder's outputs by default, the cell token's own output with "cell_token"."""
+    """h_C is the cell token's own output by default (the paper's), the mean of the cell encoder's outputs with
+    "mean"."""
     model = ScPaLMModel(tiny_config).eval()
     output = _outputs(model, inputs)
-    torch.testing.assert_close(output.cell_embedding, output.last_hidden_state.mean(1))
-    model.cell_encoder.pooling = "cell_token"
-    output = _outputs(model, inputs)
     torch.testing.assert_close(output.cell_embedding, output.last_hidden_state[:, 0])
+    model.cell_encoder.pooling = "mean"
+    output = _outputs(model, inputs)
+    torch.testing.assert_close(output.cell_embedding, output.last_hidden_state.mean(1))
     from huggingface_hub.errors import StrictDataclassError
 
     with pytest.raises(StrictDataclassError, match="cell_embedding_pooling"):
@@ -224,7 +231,9 @@ def test_stage_two_training_leaves_stage_one_weights_unchanged(tiny_config, inpu
     stage_one = ScPaLMForPathwayReconstruction(tiny_config)
     stage_one.save_pretrained(tmp_path)
     model = ScPaLMForCellPretraining.from_pretrained(tmp_path)
-    frozen = {name: p.detach().clone() for name, p in model.scpalm.named_parameters() if not name.startswith("cell_encoder")}
+    frozen = {
+        name: p.detach().clone() for name, p in model.scpalm.named_parameters() if not name.startswith("cell_encoder")
+    }
     frozen_buffers = {name: b.clone() for name, b in model.scpalm.named_buffers()}
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -289,7 +298,10 @@ def test_inference_breaks_ties_at_the_cut_by_vocabulary_order_not_by_input_order
         for order in (torch.arange(5), torch.tensor([3, 0, 4, 2, 1]), torch.tensor([2, 4, 1, 3, 0]))
     ]
     assert chosen == [{4, 2, 7}] * 3  # 3.0, then the two lowest ids of the 1.0s; the zero never
-    drawn = {frozenset(top_expressed_genes(gene_ids, gene_values, mask, 2, random_ties=True)[0][0].tolist()) for _ in range(50)}
+    drawn = {
+        frozenset(top_expressed_genes(gene_ids, gene_values, mask, 2, random_ties=True)[0][0].tolist())
+        for _ in range(50)
+    }
     assert drawn == {frozenset({4, 9}), frozenset({4, 7}), frozenset({4, 2})}
 
 
@@ -340,8 +352,9 @@ def test_trust_remote_code_without_the_package(tiny_config, tmp_path):
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
 

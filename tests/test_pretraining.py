@@ -18,8 +18,22 @@ from modeling_scpalm.pretraining import main
 from .conftest import data_file
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--preset", "tiny", "--per_device_batch_size", "32", "--max_steps", "6", "--checkpointing_steps", "2",
-             "--eval_steps", "3", "--logging_steps", "1", "--seed", "7"]
+SMALL_RUN = [
+    "--preset",
+    "tiny",
+    "--per_device_batch_size",
+    "32",
+    "--max_steps",
+    "6",
+    "--checkpointing_steps",
+    "2",
+    "--eval_steps",
+    "3",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +123,23 @@ def test_push_to_hub_uploads_the_shareable_folder(dataset_dir, unbroken_run, tmp
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHub)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     output = tmp_path / "run"
-    main([
-        "--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN, "--stage", "2",
-        "--stage_one_model", str(unbroken_run / "stage_1"), "--push_to_hub", "--hub_model_id", "me/scpalm-tiny",
-        "--hub_private_repo",
-    ])
+    main(
+        [
+            "--dataset_dir",
+            str(dataset_dir),
+            "--output_dir",
+            str(output),
+            *SMALL_RUN,
+            "--stage",
+            "2",
+            "--stage_one_model",
+            str(unbroken_run / "stage_1"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/scpalm-tiny",
+            "--hub_private_repo",
+        ]
+    )
     pushed = hub / "me" / "scpalm-tiny"
     model = AutoModel.from_pretrained(pushed)
     assert torch.equal(model.embeddings.gene_embeddings, weights(output / "model")["scpalm.embeddings.gene_embeddings"])
@@ -132,7 +158,17 @@ def test_a_killed_and_resumed_run_ends_where_an_unbroken_one_does(dataset_dir, u
         (output / "stage_1" / "training_summary.json").unlink()  # its last file: the stage did not finish
     else:
         shutil.copytree(unbroken_run / "checkpoints" / "stage_2", output / "checkpoints" / "stage_2")
-    main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN, "--resume_from_checkpoint", "latest"])
+    main(
+        [
+            "--dataset_dir",
+            str(dataset_dir),
+            "--output_dir",
+            str(output),
+            *SMALL_RUN,
+            "--resume_from_checkpoint",
+            "latest",
+        ]
+    )
     resumed, unbroken = weights(output / "stage_2"), weights(unbroken_run / "stage_2")
     assert resumed.keys() == unbroken.keys()
     for name in unbroken:  # same batches, views, draws and summation orders: the same bits
@@ -150,9 +186,24 @@ def test_a_killed_and_resumed_run_ends_where_an_unbroken_one_does(dataset_dir, u
 def test_two_cpu_processes_train_both_stages(dataset_dir, tmp_path):
     output = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "pretrain.py"),
-        "--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "pretrain.py"),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output),
+        *SMALL_RUN,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -173,8 +224,24 @@ def test_init_from_adapts_a_finished_run_to_new_files(unbroken_run, tmp_path):
     cells.var["gene_ids"] = [*cells.var["gene_ids"][:-2], "none_1", "none_2"]
     cells.write_h5ad(tmp_path / "new.h5ad")
     output = tmp_path / "adapted"
-    main(["--train_file", str(tmp_path / "new.h5ad"), "--output_dir", str(output), "--init_from", str(unbroken_run),
-          "--per_device_batch_size", "32", "--max_steps", "2", "--eval_steps", "2", "--seed", "3"])
+    main(
+        [
+            "--train_file",
+            str(tmp_path / "new.h5ad"),
+            "--output_dir",
+            str(output),
+            "--init_from",
+            str(unbroken_run),
+            "--per_device_batch_size",
+            "32",
+            "--max_steps",
+            "2",
+            "--eval_steps",
+            "2",
+            "--seed",
+            "3",
+        ]
+    )
     # The earlier run's vocabulary, reported with the genes it could not place.
     vocabulary = "preprocessor_config.json"
     assert (output / "model" / vocabulary).read_text() == (unbroken_run / "model" / vocabulary).read_text()
@@ -202,8 +269,22 @@ def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(
     cells = ad.read_h5ad(data_file("scrna/pbmc_3tech_2000.h5ad"))[::10].copy()
     cells.write_h5ad(tmp_path / "cells.h5ad")
     output = tmp_path / "run"
-    main(["--train_file", str(tmp_path / "cells.h5ad"), "--batch_key", "tech", "--output_dir", str(output),
-          "--max_steps", "2", "--per_device_batch_size", "32", "--eval_steps", "2"])
+    main(
+        [
+            "--train_file",
+            str(tmp_path / "cells.h5ad"),
+            "--batch_key",
+            "tech",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--per_device_batch_size",
+            "32",
+            "--eval_steps",
+            "2",
+        ]
+    )
     for stage, decoder in (("stage_1", "decoder"), ("stage_2", "cell_decoder")):
         assert weights(output / stage)[f"{decoder}.batch_embeddings"].shape[0] == 3
     model = ScPaLMModel.from_pretrained(output / "model")
@@ -213,19 +294,50 @@ def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(
     assert embed_anndata(model, processor, cells, progress=False).shape[0] == cells.n_obs
     # Its batch vectors would not fit a dataset with other batches (here none): refused before training.
     with pytest.raises(ValueError, match="decodes with 3 batches but the dataset has 0"):
-        main(["--dataset_dir", str(dataset_dir), "--output_dir", str(tmp_path / "other"), "--stage", "2",
-              "--stage_one_model", str(output / "stage_1"), "--max_steps", "2"])
+        main(
+            [
+                "--dataset_dir",
+                str(dataset_dir),
+                "--output_dir",
+                str(tmp_path / "other"),
+                "--stage",
+                "2",
+                "--stage_one_model",
+                str(output / "stage_1"),
+                "--max_steps",
+                "2",
+            ]
+        )
 
 
 def test_config_overrides_build_the_ablation_models(dataset_dir, tmp_path):
     from transformers import AutoConfig
 
     output = tmp_path / "ablation"
-    main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny", "--max_steps", "2",
-          "--per_device_batch_size", "32", "--eval_steps", "2",
-          "--config_overrides", "pathway_encoder_num_hidden_layers=0,use_quantizer=false,contrastive_loss_weight=0"])
+    main(
+        [
+            "--dataset_dir",
+            str(dataset_dir),
+            "--output_dir",
+            str(output),
+            "--preset",
+            "tiny",
+            "--max_steps",
+            "2",
+            "--per_device_batch_size",
+            "32",
+            "--eval_steps",
+            "2",
+            "--config_overrides",
+            "pathway_encoder_num_hidden_layers=0,use_quantizer=false,contrastive_loss_weight=0",
+        ]
+    )
     config = AutoConfig.from_pretrained(output / "model", trust_remote_code=True)
-    assert (config.pathway_encoder_num_hidden_layers, config.use_quantizer, config.contrastive_loss_weight) == (0, False, 0)
+    assert (config.pathway_encoder_num_hidden_layers, config.use_quantizer, config.contrastive_loss_weight) == (
+        0,
+        False,
+        0,
+    )
     assert config.num_hidden_layers == 2  # the cell encoder keeps its depth
     assert not any(key.startswith("scpalm.quantizer") for key in weights(output / "stage_2"))
     assert '"contrastive_loss"' not in (output / "stage_2" / "log.jsonl").read_text()
@@ -245,10 +357,30 @@ def fresh_accelerator_state():
 def test_bf16_mixed_precision_trains_both_stages_with_float32_weights(dataset_dir, tmp_path, fresh_accelerator_state):
     """The GPU setting's precision, run on CPU: autocast in bf16, weights and saved model in float32."""
     output = tmp_path / "bf16"
-    main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), "--preset", "tiny", "--max_steps", "2",
-          "--per_device_batch_size", "32", "--eval_steps", "2", "--logging_steps", "1", "--mixed_precision", "bf16"])
+    main(
+        [
+            "--dataset_dir",
+            str(dataset_dir),
+            "--output_dir",
+            str(output),
+            "--preset",
+            "tiny",
+            "--max_steps",
+            "2",
+            "--per_device_batch_size",
+            "32",
+            "--eval_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--mixed_precision",
+            "bf16",
+        ]
+    )
     for stage in ("stage_1", "stage_2"):
-        assert {tensor.dtype for tensor in weights(output / stage).values() if tensor.is_floating_point()} == {torch.float32}
+        assert {tensor.dtype for tensor in weights(output / stage).values() if tensor.is_floating_point()} == {
+            torch.float32
+        }
         logged = [json.loads(line) for line in (output / stage / "log.jsonl").read_text().splitlines()]
         losses = [record[key] for record in logged for key in ("loss", "eval_loss") if key in record]
         assert losses and all(math.isfinite(loss) for loss in losses)
@@ -268,8 +400,11 @@ def test_bad_arguments_stop_before_any_work(tmp_path, unbroken_run, monkeypatch,
     with pytest.raises(SystemExit):
         parse_args(["--dataset_dir", "d", "--output_dir", str(tmp_path / "o"), "--learning_rate", "0"])
     assert "--learning_rate must be positive" in capsys.readouterr().err
-    for overrides, message in (("num_genes=100", "cannot set num_genes"), ("bogus=1", "bogus"),
-                               ("token_keep_ratio=2", "token_keep_ratio")):
+    for overrides, message in (
+        ("num_genes=100", "cannot set num_genes"),
+        ("bogus=1", "bogus"),
+        ("token_keep_ratio=2", "token_keep_ratio"),
+    ):
         with pytest.raises(SystemExit):  # before the dataset is built
             parse_args(["--train_file", "a.h5ad", "--output_dir", str(tmp_path / "o"), "--config_overrides", overrides])
         assert message in capsys.readouterr().err
@@ -301,8 +436,19 @@ def test_stage_two_refuses_a_stage_one_folder_missing_weights(dataset_dir, unbro
     save_file(stage_one, broken / "model.safetensors", metadata={"format": "pt"})
     output = tmp_path / "out"
     with pytest.raises(ValueError, match=r"lacks weights stage 2 needs \(scpalm\.embeddings\.token_queries"):
-        main(["--dataset_dir", str(dataset_dir), "--output_dir", str(output), *SMALL_RUN,
-              "--stage", "2", "--stage_one_model", str(broken)])
+        main(
+            [
+                "--dataset_dir",
+                str(dataset_dir),
+                "--output_dir",
+                str(output),
+                *SMALL_RUN,
+                "--stage",
+                "2",
+                "--stage_one_model",
+                str(broken),
+            ]
+        )
     assert not (output / "stage_2" / "model.safetensors").exists()
 
 
@@ -332,7 +478,9 @@ def test_resume_picks_the_newest_complete_checkpoint_and_resolves_paths(tmp_path
     with pytest.warns(UserWarning, match="step_12.partial"):  # killed while saving: skipped, with a word
         assert _checkpoint_to_resume("latest", stage_one) == (stage_one / "step_10").resolve()
     monkeypatch.chdir(tmp_path)  # a relative path to a checkpoint of an absolute --output_dir
-    assert _checkpoint_to_resume("run/checkpoints/stage_1/step_2", stage_one.resolve()) == (stage_one / "step_2").resolve()
+    assert (
+        _checkpoint_to_resume("run/checkpoints/stage_1/step_2", stage_one.resolve()) == (stage_one / "step_2").resolve()
+    )
     assert _checkpoint_to_resume("run/checkpoints/stage_1/step_2", stage_two) is None  # stage 1's: stage 2 starts anew
     (tmp_path / "elsewhere" / "step_2").mkdir(parents=True)
     with pytest.raises(ValueError, match="not a checkpoint of this run"):

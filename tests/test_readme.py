@@ -11,5 +11,9 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})  # noqa: S102 (the README's own example, as a user runs it)
     assert capsys.readouterr().out.strip() == "(700, 64)"
-    for name in ("preprocessor_config.json", "processing_scpalm.py", "modeling_scpalm.py"):  # loadable without the package
+    for name in (
+        "preprocessor_config.json",
+        "processing_scpalm.py",
+        "modeling_scpalm.py",
+    ):  # loadable without the package
         assert (tmp_path / "scpalm-tiny" / "model" / name).exists(), name

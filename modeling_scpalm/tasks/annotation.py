@@ -38,17 +38,37 @@ def cluster_and_score(
     cluster_key = cluster_key or f"leiden_{representation}"
     neighbors_key = f"neighbors_{representation}"
     # scikit-learn's exact neighbours: deterministic, and free of pynndescent's large-data issues.
-    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=representation, transformer="sklearn",
-                    key_added=neighbors_key, random_state=seed)
-    sc.tl.leiden(adata, resolution=resolution, key_added=cluster_key, neighbors_key=neighbors_key,
-                 flavor="igraph", n_iterations=2, random_state=seed)
+    sc.pp.neighbors(
+        adata,
+        n_neighbors=n_neighbors,
+        use_rep=representation,
+        transformer="sklearn",
+        key_added=neighbors_key,
+        random_state=seed,
+    )
+    sc.tl.leiden(
+        adata,
+        resolution=resolution,
+        key_added=cluster_key,
+        neighbors_key=neighbors_key,
+        flavor="igraph",
+        n_iterations=2,
+        random_state=seed,
+    )
     labels, clusters = adata.obs[label_key].astype(str).to_numpy(), adata.obs[cluster_key].to_numpy()
     return {
         "ari": float(adjusted_rand_score(labels, clusters)),
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
-        "silhouette": float(silhouette_score(
-            features, labels, metric="cosine", random_state=seed,
-            sample_size=silhouette_sample_size if silhouette_sample_size and len(labels) > silhouette_sample_size else None,
-        )),
+        "silhouette": float(
+            silhouette_score(
+                features,
+                labels,
+                metric="cosine",
+                random_state=seed,
+                sample_size=silhouette_sample_size
+                if silhouette_sample_size and len(labels) > silhouette_sample_size
+                else None,
+            )
+        ),
         "num_clusters": len(np.unique(clusters)),
     }

@@ -28,9 +28,50 @@ MAX_ATOMS = 100
 # DeepChem's ConvMol atom features, which DeepCDR used: element, degree, hydrogens, implicit valence, charge,
 # radical electrons, hybridisation, aromaticity.
 ATOM_SYMBOLS = [
-    "C", "N", "O", "S", "F", "Si", "P", "Cl", "Br", "Mg", "Na", "Ca", "Fe", "As", "Al", "I", "B", "V", "K", "Tl", "Yb",
-    "Sb", "Sn", "Ag", "Pd", "Co", "Se", "Ti", "Zn", "H", "Li", "Ge", "Cu", "Au", "Ni", "Cd", "In", "Mn", "Zr", "Cr",
-    "Pt", "Hg", "Pb", "Unknown",
+    "C",
+    "N",
+    "O",
+    "S",
+    "F",
+    "Si",
+    "P",
+    "Cl",
+    "Br",
+    "Mg",
+    "Na",
+    "Ca",
+    "Fe",
+    "As",
+    "Al",
+    "I",
+    "B",
+    "V",
+    "K",
+    "Tl",
+    "Yb",
+    "Sb",
+    "Sn",
+    "Ag",
+    "Pd",
+    "Co",
+    "Se",
+    "Ti",
+    "Zn",
+    "H",
+    "Li",
+    "Ge",
+    "Cu",
+    "Au",
+    "Ni",
+    "Cd",
+    "In",
+    "Mn",
+    "Zr",
+    "Cr",
+    "Pt",
+    "Hg",
+    "Pb",
+    "Unknown",
 ]
 NUM_ATOM_FEATURES = 75
 
@@ -45,9 +86,13 @@ def atom_features(atom) -> np.ndarray:
     """The 75 features of an RDKit atom."""
     from rdkit import Chem
 
-    hybridizations = [Chem.rdchem.HybridizationType.SP, Chem.rdchem.HybridizationType.SP2,
-                      Chem.rdchem.HybridizationType.SP3, Chem.rdchem.HybridizationType.SP3D,
-                      Chem.rdchem.HybridizationType.SP3D2]
+    hybridizations = [
+        Chem.rdchem.HybridizationType.SP,
+        Chem.rdchem.HybridizationType.SP2,
+        Chem.rdchem.HybridizationType.SP3,
+        Chem.rdchem.HybridizationType.SP3D,
+        Chem.rdchem.HybridizationType.SP3D2,
+    ]
     hybridization = atom.GetHybridization()
     features = (
         _one_hot(atom.GetSymbol(), ATOM_SYMBOLS)
@@ -138,13 +183,15 @@ class DrugGCN(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(size) for size in units)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, atom_features: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor,
-                drug_of_atom: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, atom_features: torch.Tensor, edges: torch.Tensor, edge_weights: torch.Tensor, drug_of_atom: torch.Tensor
+    ) -> torch.Tensor:
         """Packed graphs (`PackedDrugGraphs.select`) -> (drugs, 100): each drug's atoms max-pooled."""
         num_atoms = atom_features.shape[0]
         # Row i of the normalised adjacency weighs atom i's neighbours (and itself): one sparse product per layer.
-        adjacency = torch.sparse_coo_tensor(edges.flip(0), edge_weights, (num_atoms, num_atoms),
-                                            check_invariants=False).coalesce()  # built valid by PackedDrugGraphs
+        adjacency = torch.sparse_coo_tensor(
+            edges.flip(0), edge_weights, (num_atoms, num_atoms), check_invariants=False
+        ).coalesce()  # built valid by PackedDrugGraphs
         states = atom_features
         for convolution, norm in zip(self.convolutions, self.norms):
             states = self.dropout(norm(F.relu(torch.sparse.mm(adjacency, convolution(states)))))
@@ -159,7 +206,12 @@ class CellBranch(nn.Module):
     def __init__(self, input_size: int, dropout: float = 0.1):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 256), nn.Tanh(), nn.BatchNorm1d(256), nn.Dropout(dropout), nn.Linear(256, 100), nn.ReLU()
+            nn.Linear(input_size, 256),
+            nn.Tanh(),
+            nn.BatchNorm1d(256),
+            nn.Dropout(dropout),
+            nn.Linear(256, 100),
+            nn.ReLU(),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -178,18 +230,30 @@ class DrugResponseRegressor(nn.Module):
         self.fusion = nn.Sequential(nn.Linear(100 * (1 + len(cell_feature_sizes)), 300), nn.Tanh(), nn.Dropout(0.1))
         # 300 -> conv 150 (151) -> pool 2 (75) -> conv 5 (71) -> pool 3 (23) -> conv 5 (19) -> pool 3 (6); 5 x 6.
         self.convolutions = nn.Sequential(
-            nn.Conv1d(1, 30, 150), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(30, 10, 5), nn.ReLU(), nn.MaxPool1d(3),
-            nn.Conv1d(10, 5, 5), nn.ReLU(), nn.MaxPool1d(3),
-            nn.Dropout(0.1), nn.Flatten(), nn.Dropout(0.2),
+            nn.Conv1d(1, 30, 150),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(30, 10, 5),
+            nn.ReLU(),
+            nn.MaxPool1d(3),
+            nn.Conv1d(10, 5, 5),
+            nn.ReLU(),
+            nn.MaxPool1d(3),
+            nn.Dropout(0.1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
         )
         self.output = nn.Linear(30, 1)
 
-    def forward(self, drug_graphs: dict[str, torch.Tensor], drug_index: torch.Tensor,
-                cell_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`drug_graphs` (`PackedDrugGraphs.select`) holds the batch's distinct drugs; `drug_index` picks each pair's."""
+    def forward(
+        self, drug_graphs: dict[str, torch.Tensor], drug_index: torch.Tensor, cell_features: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """`drug_graphs` (`PackedDrugGraphs.select`) holds the batch's distinct drugs; `drug_index` picks each
+        pair's."""
         if set(cell_features) != set(self.cell_branches):
-            raise ValueError(f"Cell features {sorted(cell_features)} do not match the model's {sorted(self.cell_branches)}.")
+            raise ValueError(
+                f"Cell features {sorted(cell_features)} do not match the model's {sorted(self.cell_branches)}."
+            )
         drugs = self.drug_encoder(**drug_graphs)[drug_index]
         cells = [branch(cell_features[name]) for name, branch in self.cell_branches.items()]
         fused = self.fusion(torch.cat([drugs, *cells], dim=-1))
@@ -217,13 +281,18 @@ def load_drug_response_data(data_dir: str | Path) -> DrugResponseData:
     data_dir = Path(data_dir)
     deepcdr, ccle = data_dir / "deepcdr", data_dir / "ccle"
     if not (deepcdr / "GDSC_IC50.csv.gz").is_file():
-        raise FileNotFoundError(f"{deepcdr / 'GDSC_IC50.csv.gz'} is missing: point to the shared drug_response/ folder.")
+        raise FileNotFoundError(
+            f"{deepcdr / 'GDSC_IC50.csv.gz'} is missing: point to the shared drug_response/ folder."
+        )
     drugs = pd.read_csv(deepcdr / "1.Drug_listMon_Jun_24_09_00_55_2019.csv", dtype=str)
     pubchem_of_gdsc = {f"GDSC:{row.drug_id}": row.PubCHEM for row in drugs.itertuples() if str(row.PubCHEM).isdigit()}
-    smiles = pd.read_csv(deepcdr / "223drugs_pubchem_smiles.txt", sep="\t", header=None, names=["pubchem", "smiles"],
-                         dtype=str)
+    smiles = pd.read_csv(
+        deepcdr / "223drugs_pubchem_smiles.txt", sep="\t", header=None, names=["pubchem", "smiles"], dtype=str
+    )
     graphs = {row.pubchem: smiles_to_graph(row.smiles) for row in smiles.itertuples()}
-    annotations = pd.read_csv(deepcdr / "Cell_lines_annotations_20181226.txt", sep="\t", usecols=["depMapID", "tcga_code"])
+    annotations = pd.read_csv(
+        deepcdr / "Cell_lines_annotations_20181226.txt", sep="\t", usecols=["depMapID", "tcga_code"]
+    )
     cancer_type = annotations.dropna().drop_duplicates("depMapID").set_index("depMapID")["tcga_code"]
     cancer_type = cancer_type[~cancer_type.isin(["UNABLE TO CLASSIFY"])]
 
@@ -237,8 +306,11 @@ def load_drug_response_data(data_dir: str | Path) -> DrugResponseData:
     pairs = ic50.rename_axis("gdsc").reset_index().melt(id_vars="gdsc", var_name="cell_line", value_name="ln_ic50")
     pairs = pairs.dropna(subset=["ln_ic50"])
     pairs["drug"] = pairs["gdsc"].map(pubchem_of_gdsc)
-    pairs = pairs[pairs["drug"].isin(graphs) & pairs["cell_line"].isin(expression.index)
-                  & pairs["cell_line"].isin(cancer_type.index)]
+    pairs = pairs[
+        pairs["drug"].isin(graphs)
+        & pairs["cell_line"].isin(expression.index)
+        & pairs["cell_line"].isin(cancer_type.index)
+    ]
     pairs = pairs.assign(cancer_type=pairs["cell_line"].map(cancer_type))
     # A PubChem id named by two GDSC ids (re-screened drugs) keeps its first measurement per line.
     pairs = pairs.drop_duplicates(["cell_line", "drug"])[["cell_line", "drug", "ln_ic50", "cancer_type"]]
@@ -303,9 +375,17 @@ def spearman(predicted: np.ndarray, observed: np.ndarray) -> float:
 class DrugResponseTrainer:
     """Trains a `DrugResponseRegressor` on pair indices of a `DrugResponseData`, with early stopping."""
 
-    def __init__(self, data: DrugResponseData, cell_features: dict[str, pd.DataFrame],
-                 batch_size: int = 64, learning_rate: float = 1e-3, max_epochs: int = 100, patience: int = 10,
-                 seed: int = 0, device: str = "cpu"):
+    def __init__(
+        self,
+        data: DrugResponseData,
+        cell_features: dict[str, pd.DataFrame],
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        max_epochs: int = 100,
+        patience: int = 10,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
         self.data, self.batch_size, self.learning_rate = data, batch_size, learning_rate
         self.max_epochs, self.patience, self.seed, self.device = max_epochs, patience, seed, torch.device(device)
         lines = data.pairs["cell_line"]
@@ -316,7 +396,9 @@ class DrugResponseTrainer:
         for name, table in cell_features.items():
             missing = sorted(set(lines) - set(table.index))
             if missing:
-                raise ValueError(f"Cell features {name!r} lack {len(missing)} cell lines of the pairs, e.g. {missing[:3]}.")
+                raise ValueError(
+                    f"Cell features {name!r} lack {len(missing)} cell lines of the pairs, e.g. {missing[:3]}."
+                )
             values = table.loc[lines].to_numpy(dtype=np.float32)
             if not np.isfinite(values).all():
                 raise ValueError(f"Cell features {name!r} hold NaN or infinite values: impute or drop them first.")
@@ -381,8 +463,11 @@ def grouped_pcc(pairs: pd.DataFrame, predicted: np.ndarray, by: str, min_pairs: 
     """PCC of predicted and observed ln(IC50) within each group (cancer type, drug, cell line) with enough pairs."""
 
     frame = pairs.assign(predicted=predicted)
-    groups = {name: pearson(group["predicted"].to_numpy(), group["ln_ic50"].to_numpy())
-              for name, group in frame.groupby(by) if len(group) >= min_pairs}
+    groups = {
+        name: pearson(group["predicted"].to_numpy(), group["ln_ic50"].to_numpy())
+        for name, group in frame.groupby(by)
+        if len(group) >= min_pairs
+    }
     return pd.Series(groups, name="pcc").sort_values(ascending=False)
 
 
@@ -400,8 +485,11 @@ def scpalm_cell_line_embeddings(model, processor, log2_tpm, batch_size: int | No
     from ..inference import embed_anndata
 
     values = log2_tpm_to_log_normalized(log2_tpm.to_numpy())
-    cells = anndata.AnnData(sp.csr_matrix(values.astype(np.float32)), obs=pd.DataFrame(index=log2_tpm.index.astype(str)),
-                            var=pd.DataFrame(index=log2_tpm.columns.astype(str)))
+    cells = anndata.AnnData(
+        sp.csr_matrix(values.astype(np.float32)),
+        obs=pd.DataFrame(index=log2_tpm.index.astype(str)),
+        var=pd.DataFrame(index=log2_tpm.columns.astype(str)),
+    )
     embeddings = embed_anndata(model, processor, cells, batch_size=batch_size, is_normalized=True, progress=False)
     return pd.DataFrame(embeddings, index=log2_tpm.index)
 

@@ -58,15 +58,19 @@ def imputation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, flo
 
 
 @torch.no_grad()
-def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask: np.ndarray,
-                      batch_size: int | None = None):
+def impute_with_model(
+    model, processor, masked: MaskedCells, measured_gene_mask: np.ndarray, batch_size: int | None = None
+):
     """A stage-1 model's reconstruction (`ScPaLMForPathwayReconstruction`) at the hidden entries, in batches of cells
-    of similar lengths (`inference_batches`: `batch_size` cells each, or sized by their gene vectors' bytes by default)."""
+    of similar lengths (`inference_batches`: `batch_size` cells each, or sized by their gene vectors' bytes by
+    default)."""
     weight = next(model.parameters())
     device = weight.device
     model.eval()
     measured = torch.from_numpy(np.asarray(measured_gene_mask)).to(device)
-    batches = inference_batches(np.diff(masked.cells.indptr), model.config.hidden_size, device, batch_size, weight.dtype)
+    batches = inference_batches(
+        np.diff(masked.cells.indptr), model.config.hidden_size, device, batch_size, weight.dtype
+    )
     # Each cell's place in the batches' order; the hidden entries sorted by their cell's place make each batch's
     # entries one slice.
     place = np.empty(masked.cells.shape[0], dtype=np.int64)
@@ -80,7 +84,9 @@ def impute_with_model(model, processor, masked: MaskedCells, measured_gene_mask:
         inputs = {name: tensor.to(device) for name, tensor in processor.pad(masked.cells[rows]).items()}
         reconstruction = model(**inputs, measured_gene_mask=measured).reconstruction.float().cpu().numpy()
         batch_entries = entries[begin:end]
-        predicted[batch_entries] = reconstruction[entry_places[batch_entries] - batch_start, masked.columns[batch_entries]]
+        predicted[batch_entries] = reconstruction[
+            entry_places[batch_entries] - batch_start, masked.columns[batch_entries]
+        ]
     return predicted
 
 

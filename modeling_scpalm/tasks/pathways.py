@@ -28,13 +28,16 @@ def code_gene_association(codes: np.ndarray, expression, num_codes: int) -> np.n
     """
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[0] != expression.shape[0]:
-        raise ValueError(f"`codes` must be (cells, N) for the {expression.shape[0]} cells of `expression`, got {codes.shape}.")
+        raise ValueError(
+            f"`codes` must be (cells, N) for the {expression.shape[0]} cells of `expression`, got {codes.shape}."
+        )
     if codes.min() < 0 or codes.max() >= num_codes:
         raise ValueError(f"code indices must lie in [0, {num_codes}); got {codes.min()}..{codes.max()}.")
     cells, tokens = codes.shape
     # (cells, K) share of each cell's tokens on each code; duplicates are summed by the sparse constructor.
     shares = sp.csr_matrix(
-        (np.full(codes.size, 1.0 / tokens), (np.repeat(np.arange(cells), tokens), codes.ravel())), shape=(cells, num_codes)
+        (np.full(codes.size, 1.0 / tokens), (np.repeat(np.arange(cells), tokens), codes.ravel())),
+        shape=(cells, num_codes),
     )
     association = np.asarray((shares.T @ sp.csr_matrix(expression, dtype=np.float64)).todense())
     totals = association.sum(axis=0, keepdims=True)
@@ -95,8 +98,16 @@ def enrichment(code_genes: list[list[str]], gene_sets: dict[str, set[str]], univ
     return sorted((tuple(row) for row in rows), key=lambda row: (row[4], row[3]))
 
 
-def identify_pathways(model, processor, adata, gene_sets, num_genes: int = 10, layer: str | None = None,
-                      is_normalized: bool = False, batch_size: int | None = None):
+def identify_pathways(
+    model,
+    processor,
+    adata,
+    gene_sets,
+    num_genes: int = 10,
+    layer: str | None = None,
+    is_normalized: bool = False,
+    batch_size: int | None = None,
+):
     """
     The whole of Appendix D on a model and an AnnData: each cell's pathway codes, the code-by-gene association
     (from the expression in `X` or `layers[layer]`), each code's `num_genes` top genes, and their over-representation
@@ -112,14 +123,18 @@ def identify_pathways(model, processor, adata, gene_sets, num_genes: int = 10, l
 
     if isinstance(gene_sets, (str, Path)):
         gene_sets = read_gmt(gene_sets)
-    codes = embed_anndata(model, processor, adata, batch_size, is_normalized, layer, progress=False,
-                          representation="pathway_codes")
+    codes = embed_anndata(
+        model, processor, adata, batch_size, is_normalized, layer, progress=False, representation="pathway_codes"
+    )
     expression = adata.layers[layer] if layer else adata.X
     association = code_gene_association(codes, expression, model.config.codebook_size)
     code_genes = top_genes(association, adata.var_names, num_genes)
     rows = enrichment(code_genes, gene_sets, universe=adata.var_names)
     columns = ["code", "top_genes", "gene_set", "overlap", "p_value", "adjusted_p_value"]
     return pd.DataFrame(
-        [(code, ", ".join(code_genes[code]), name, ", ".join(overlap), p, adjusted) for code, name, overlap, p, adjusted in rows],
+        [
+            (code, ", ".join(code_genes[code]), name, ", ".join(overlap), p, adjusted)
+            for code, name, overlap, p, adjusted in rows
+        ],
         columns=columns,
     )
