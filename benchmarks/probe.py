@@ -9,7 +9,7 @@ principal components of the values as they are, as scanpy's neighbours read an e
 the pathway encoder's output, the quantized pathway tokens, their codes (one-hot per slot) and h_C. Beside them: the
 majority type, the log-normalised values themselves, and a random sketch at the model's width, the log-normalised
 values times a random (genes x hidden) matrix, averaged over the cell's expressed genes: what a softmax pool that
-attends evenly over the genes can carry at that width (an untrained embedding is close to one). """
+attends evenly over the genes can carry at that width (an untrained embedding is close to one)."""
 
 import argparse
 
