@@ -519,11 +519,9 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading puts in new parameters that require grad: freeze this head's fixed parts again.
         model.freeze_frozen_modules()
-        if (model.config.architectures or [None])[
-            0
-        ] == "ScPaLMForPathwayReconstruction" and not cls.__name__.startswith(
-            ("ScPaLMForPathwayReconstruction", "ScPaLMForCellPretraining")
-        ):
+        saved_as = (model.config.architectures or [None])[0]
+        pretraining_head = cls.__name__.startswith(("ScPaLMForPathwayReconstruction", "ScPaLMForCellPretraining"))
+        if saved_as == "ScPaLMForPathwayReconstruction" and not pretraining_head:
             warnings.warn(
                 "This folder holds a stage-1 model (ScPaLMForPathwayReconstruction): its cell encoder was never "
                 "trained, so `cell_embedding` (h_C) carries nothing yet. Train stage 2 on it "
