@@ -5,6 +5,7 @@ score beside it (Leiden at resolution 1.0, ARI and NMI against the labels: `task
 Needs the `evaluate` extra (scib-metrics, which brings JAX) and the `analysis` extra.
 """
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,13 @@ def evaluate_embeddings(
         n_jobs=n_jobs,
         progress_bar=False,
     )
-    benchmarker.benchmark()
+    # scib-metrics collects garbage after every metric; with torch and JAX loaded each collection walks millions of
+    # objects (tens of seconds on a few hundred cells). Frozen, the objects that exist now are not walked again.
+    gc.freeze()
+    try:
+        benchmarker.benchmark()
+    finally:
+        gc.unfreeze()
     results = benchmarker.get_results(min_max_scale=False)
     metric_types = results.loc["Metric Type"]
     table = results.drop(index="Metric Type").astype(np.float64)

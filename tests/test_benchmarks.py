@@ -28,8 +28,6 @@ def benchmarks_importable(monkeypatch):
         ("batching", ["--dtype", "float32", "bfloat16"]),
         ("cli_startup", []),
         pytest.param("embed_memory", [], marks=pytest.mark.slow),
-        pytest.param("inference", ["--compile"], marks=pytest.mark.slow),
-        pytest.param("training", ["--compile"], marks=pytest.mark.slow),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(script, options, monkeypatch, capsys, pbmc3k):

@@ -8,7 +8,7 @@ from modeling_scpalm import ScPaLMConfig, ScPaLMForCellPretraining, ScPaLMForPat
 
 pytestmark = pytest.mark.slow
 
-BATCH, STAGE_ONE_STEPS, STAGE_TWO_STEPS = 64, 300, 60
+BATCH, STAGE_ONE_STEPS, STAGE_TWO_STEPS = 64, 150, 60
 
 
 def train(model, cells, measured, steps, learning_rate, seed):
