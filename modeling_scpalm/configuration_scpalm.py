@@ -84,6 +84,10 @@ class ScPaLMConfig(PreTrainedConfig):
         cell_token_from_expression (`bool`): add to the cell token e_C a learned linear read of the cell's whole
             expression (one vector per gene, summed with the cell's values, then LayerNorm); h_C then sees every
             gene, not only the pathway tokens left after masking. False gives the paper's constant e_C.
+        cell_embedding_whitening_power (`float`, 0 to 0.5): the h_C the model gives is the cell token's output
+            centred and each principal direction of variance v (over the training cells, fitted after stage 2)
+            scaled by v**-power: 0.25 (the default) takes the square root of the spectrum, 0.5 whitens it fully,
+            0 leaves the cell token's output as it is. Pretraining losses read the output before it.
         num_batches (`int`): batch-conditioned decoding: both decoders add a learned vector for each cell's batch
             (`batch_ids`), so that the pathway tokens and h_C need not carry what only tells batches apart. The
             encoders never see the batch, so cells of any batch, new ones too, embed without one. 0 (the default)
@@ -129,6 +133,7 @@ class ScPaLMConfig(PreTrainedConfig):
     decode_with_depth: bool = True
     cell_embedding_pooling: str = "cell_token"
     cell_token_from_expression: bool = True
+    cell_embedding_whitening_power: float | int = 0.25
     num_batches: int = 0
 
     def __post_init__(self, **kwargs):
@@ -205,6 +210,11 @@ class ScPaLMConfig(PreTrainedConfig):
             raise ValueError(
                 "`cell_embedding_pooling` must be 'mean' or 'cell_token' (the paper's), "
                 f"got {self.cell_embedding_pooling!r}."
+            )
+        if not 0 <= self.cell_embedding_whitening_power <= 0.5:
+            raise ValueError(
+                "`cell_embedding_whitening_power` must be within [0, 0.5] (0 leaves h_C as it is, 0.5 whitens it), "
+                f"got {self.cell_embedding_whitening_power}."
             )
         if self.token_reconstruction_weight < 0:
             raise ValueError(

@@ -241,6 +241,10 @@ class ScPaLMCellEncoder(nn.Module):
             self.expression_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         else:
             self.expression_weight = self.expression_norm = None
+        # h_C's readout transform, fitted on the training cells after stage 2 (`fit_whitening`); identity until then.
+        self.register_buffer("whitening_mean", torch.empty(config.hidden_size))
+        self.register_buffer("whitening_matrix", torch.empty(config.hidden_size, config.hidden_size))
+        self.whitening_power = config.cell_embedding_whitening_power
 
     def read_expression(
         self,
@@ -277,6 +281,29 @@ class ScPaLMCellEncoder(nn.Module):
         """h_C from the encoder's output `(batch, 1 + tokens, hidden)`: the cell token's own output (the paper's),
         or with `pooling="mean"` the mean over the cell token and the pathway tokens."""
         return hidden[:, 0] if self.pooling == "cell_token" else hidden.mean(1)
+
+    def whiten(self, cell_embedding: torch.Tensor) -> torch.Tensor:
+        """The h_C that the model gives: centred and each principal direction rescaled (`fit_whitening`)."""
+        return (cell_embedding - self.whitening_mean.to(cell_embedding.dtype)) @ self.whitening_matrix.to(
+            cell_embedding.dtype
+        )
+
+    @torch.no_grad()
+    def fit_whitening(self, cell_embeddings: torch.Tensor):
+        """Fits `whiten` to `(cells, hidden)` raw h_C of training cells: each principal direction of variance v is
+        scaled by v**-power, so the variances become v**(1 - 2 power) (square roots at the default 0.25), then all
+        by one factor that keeps their total. A few directions of large variance no longer stand for the whole
+        cell in distances (docs/design.md). Power 0 leaves h_C as it is."""
+        if self.whitening_power == 0:
+            return
+        embeddings = cell_embeddings.double()
+        mean = embeddings.mean(0)
+        variances, directions = torch.linalg.eigh(torch.cov((embeddings - mean).T))
+        variances = variances.clamp_min(variances.max() * 1e-8)
+        scales = variances.pow(-self.whitening_power)
+        scales = scales * (variances.sum() / (variances * scales.square()).sum()).sqrt()
+        self.whitening_mean.copy_(mean.to(self.whitening_mean.dtype))
+        self.whitening_matrix.copy_((directions * scales).to(self.whitening_matrix.dtype))
 
 
 class ScPaLMGeneDecoder(nn.Module):
@@ -492,6 +519,8 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.slot_embeddings, std=std)
             if module.expression_weight is not None:
                 init.normal_(module.expression_weight, std=std)
+            init.zeros_(module.whitening_mean)
+            init.eye_(module.whitening_matrix)
         elif isinstance(module, ScPaLMGeneDecoder):
             init.normal_(module.slot_embeddings, std=std)
             init.normal_(module.head_weight, std=std)
@@ -676,7 +705,7 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
             pathway.encoder_output, kept_token_indices, expression_read, output_hidden_states
         )
         output = ScPaLMModelOutput(
-            cell_embedding=self.cell_encoder.cell_embedding(hidden),
+            cell_embedding=self.cell_encoder.whiten(self.cell_encoder.cell_embedding(hidden)),
             last_hidden_state=hidden,
             pathway_codes=pathway.quantizer.codes if pathway.quantizer is not None else None,
             pathway_tokens=pathway.tokens,

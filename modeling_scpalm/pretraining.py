@@ -24,6 +24,7 @@ STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.partial` is one being written
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
+WHITENING_MAX_CELLS = 20_000  # h_C's readout is fitted on at most this many training cells
 
 
 def default_max_steps(
@@ -227,6 +228,8 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
         eval_loader = accelerator.prepare(eval_loader)
     loop = _TrainingLoop(stage, args, accelerator, model, optimizer, scheduler, collator, stage_dir, total_batch_size)
     record, eval_record = loop.run(train_loader, eval_loader, steps_per_epoch, max_steps)
+    if stage == 2:
+        _fit_cell_embedding_whitening(accelerator.unwrap_model(model), data, args, accelerator)
 
     _check_processes_agree(accelerator, model)
     if accelerator.is_main_process:
@@ -253,6 +256,32 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
     # `save_state` saves every object ever prepared: let the next stage's checkpoints hold its own alone.
     accelerator.free_memory()
     return stage_dir
+
+
+def _fit_cell_embedding_whitening(model, data: TrainingData, args, accelerator):
+    """Fits h_C's readout (`ScPaLMCellEncoder.fit_whitening`) to the trained cell token's output on up to
+    `WHITENING_MAX_CELLS` training cells, the same ones on every process."""
+    from torch.utils.data import DataLoader
+
+    from .collator_scpalm import ScPaLMDataCollator
+
+    if model.config.cell_embedding_whitening_power == 0:
+        return
+    train = data.dataset["train"]
+    rows = np.sort(np.random.default_rng(args.seed).permutation(len(train))[:WHITENING_MAX_CELLS])
+    loader = DataLoader(
+        train.select(rows),
+        batch_size=args.per_device_batch_size,
+        collate_fn=ScPaLMDataCollator.for_stage(model.config, data.panels, 1),
+    )
+    keys = ("gene_ids", "gene_values", "attention_mask", "measured_gene_mask")
+    base, embeddings = model.scpalm, []
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for batch in loader:
+            hidden = base(**{key: batch[key].to(accelerator.device) for key in keys}).last_hidden_state
+            embeddings.append(base.cell_encoder.cell_embedding(hidden).float())
+    base.cell_encoder.fit_whitening(torch.cat(embeddings))
 
 
 def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | None):

@@ -139,6 +139,38 @@ def test_cell_embedding_pooling(tiny_config, inputs):
         ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_pooling="max")
 
 
+def test_h_c_readout_takes_the_square_root_of_the_training_spectrum(tiny_config, inputs):
+    """After `fit_whitening` the model's h_C is the cell token's output centred and rotated onto its principal
+    directions, each variance v turned into one proportional to sqrt(v) (power 0.25), the total kept; the pretraining
+    head still reads the output before it. Power 0 leaves h_C as it is."""
+    model = ScPaLMForCellPretraining(tiny_config).eval()
+    encoder = model.scpalm.cell_encoder
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -3, tiny_config.hidden_size)
+    raw = torch.randn(4000, tiny_config.hidden_size, generator=generator) * scales + 5
+    encoder.fit_whitening(raw)
+    whitened = encoder.whiten(raw).double()
+    variances = torch.linalg.eigvalsh(torch.cov(whitened.T)).flip(0)
+    expected = torch.linalg.eigvalsh(torch.cov(raw.double().T)).flip(0).sqrt()
+    torch.testing.assert_close(variances / variances.sum(), expected / expected.sum(), rtol=1e-3, atol=1e-6)
+    assert variances.sum() == pytest.approx(torch.cov(raw.double().T).trace().item(), rel=1e-3)
+    assert whitened.mean(0).abs().max() < 1e-3
+    with torch.no_grad():
+        base = model.scpalm(**inputs)
+        torch.testing.assert_close(base.cell_embedding, encoder.whiten(base.last_hidden_state[:, 0]))
+        every_token = torch.arange(tiny_config.num_pathway_tokens).expand(BATCH, -1)
+        pretraining = model(**inputs, kept_token_indices=every_token)
+    torch.testing.assert_close(pretraining.cell_embedding, base.last_hidden_state[:, 0])
+    identity = ScPaLMModel(tiny_config).cell_encoder
+    identity.whitening_power = 0
+    identity.fit_whitening(raw)
+    torch.testing.assert_close(identity.whiten(raw), raw)
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="cell_embedding_whitening_power"):
+        ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_whitening_power=1.0)
+
+
 def test_cell_token_from_expression_reads_every_gene_in_any_order(tiny_config, inputs, tmp_path):
     """e_C + LayerNorm(sum_g x_g w_g): the read sees every gene (the top-k cut is the pathway side's), ignores
     padding and gene order, reaches h_C in both stage-2 views, and round-trips through save/load."""

@@ -76,6 +76,9 @@ def test_both_stages_write_a_loadable_model(unbroken_run):
     stage_one, stage_two = weights(unbroken_run / "stage_1"), weights(final)
     for name in (n for n in stage_one if n.startswith(("scpalm.embeddings", "scpalm.quantizer"))):
         assert torch.equal(stage_one[name], stage_two[name]), name
+    # h_C's readout was fitted to the trained cells (identity before stage 2).
+    assert torch.equal(stage_one["scpalm.cell_encoder.whitening_matrix"], torch.eye(model.config.hidden_size))
+    assert not torch.allclose(stage_two["scpalm.cell_encoder.whitening_matrix"], torch.eye(model.config.hidden_size))
 
 
 def test_the_run_ends_with_a_shareable_folder(unbroken_run):
