@@ -494,6 +494,8 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A folder saved before h_C's readout existed loads with the identity readout, the h_C it was saved with.
+    _keys_to_ignore_on_load_missing = [r"whitening_(mean|matrix)$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
