@@ -100,10 +100,18 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     main(["--output_dir", str(output), "--quick"])
     rows = json.loads((output / "quality.json").read_text())["rows"]
     methods = {row["method"] for row in rows}
-    assert {"scPaLM h_C", "scPaLM encoder_mean", "PCA (50)", "PCA (256)", "MLP autoencoder (same time)"} <= methods
+    assert {
+        "scPaLM h_C",
+        "scPaLM encoder_mean",
+        "scPaLM h_C zero-shot",
+        "PCA (50)",
+        "PCA (256)",
+        "MLP autoencoder (same time)",
+    } <= methods
     assert all(0 <= row["knn"] <= 1 and -1 <= row["ari"] <= 1 for row in rows)
     table = (output / "quality.md").read_text()
     assert "## knn" in table and "| knn >= PCA-50 |" in table and "| knn >= autoencoder's - 0.03 |" in table
+    assert "| zero-shot knn >= 0.85 and ari >= 0.5 |" in table
     # A rerun keeps the rows it finds and runs nothing again; a deleted row is run again, once.
     main(["--output_dir", str(output), "--quick"])
     assert json.loads((output / "quality.json").read_text())["rows"] == rows
