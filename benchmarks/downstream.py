@@ -82,6 +82,11 @@ DATASETS = [
 QUICK_DATASETS = ["pbmc3k", "mixology_dropseq", "pbmc_4271_anon"]
 
 
+def zero_shot_datasets(group: str) -> list[Dataset]:
+    """The datasets a zero-shot model for `group` pretrains on: those with gene names outside the group."""
+    return [dataset for dataset in DATASETS if dataset.group is not None and dataset.group != group]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the report, figures and models go")

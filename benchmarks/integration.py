@@ -41,7 +41,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import peers
 from _common import DATA_DIR, command_line, environment, markdown_table
-from downstream import DATASETS, join_cells
+from downstream import DATASETS, join_cells, zero_shot_datasets
 
 INTEGRATION_DATASETS = {
     "pbmc_3tech": {"parts": {"pbmc_3tech": None}, "batch_key": "tech", "group": "pbmc_3tech"},
@@ -171,9 +171,7 @@ def add_representations(adata, name: str, spec: dict, args, output_dir: Path, re
 def other_datasets(group: str, args) -> list[Path]:
     """The developers' datasets with gene names outside `group`, written as single files for `scpalm pretrain`."""
     files = []
-    for dataset in DATASETS:
-        if dataset.group is None or dataset.group == group:
-            continue
+    for dataset in zero_shot_datasets(group):
         path = Path(args.output_dir) / "data" / f"pretrain_{dataset.name}.h5ad"
         if not path.is_file():
             cells = dataset.read(args.data_dir)
