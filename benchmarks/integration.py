@@ -18,8 +18,8 @@ Representations, each computed on the dataset's cells without their labels:
 - **scPaLM zero-shot**: `scpalm pretrain --preset tiny` with its defaults on the other developers' datasets (every
   named-gene dataset outside this one's group), then `scpalm embed`; **scPaLM adapted**: that model, pretrained on
   this dataset's cells with `--init_from` (no labels), then embedded; **scPaLM adapted, batch-aware**: the same with
-  `--batch_key` (the decoders are told each cell's batch; embedding needs none); **scPaLM batch-aware**: pretrained
-  on this dataset's cells alone with `--batch_key`, as a user with a batch column runs it.
+  `--batch_key` (the decoders are told each cell's batch; embedding needs none); **scPaLM**: pretrained on this
+  dataset's cells alone; **scPaLM batch-aware**: the same with `--batch_key`, as a user with a batch column runs it.
 
 Every representation is scored by `modeling_scpalm.evaluation.evaluate_embeddings` (scib-metrics' Benchmarker: bio
 conservation, batch correction, total = 0.6 bio + 0.4 batch; Leiden-1.0 ARI / NMI beside them). Writes `report.md`,
@@ -58,6 +58,7 @@ REPRESENTATIONS = {
     "scPaLM zero-shot": "X_scpalm_zero_shot",
     "scPaLM adapted": "X_scpalm_adapted",
     "scPaLM adapted, batch-aware": "X_scpalm_batch_aware",
+    "scPaLM": "X_scpalm_own",
     "scPaLM batch-aware": "X_scpalm_own_batch_aware",
 }
 
@@ -155,14 +156,16 @@ def add_representations(adata, name: str, spec: dict, args, output_dir: Path, re
         init_from=zero_shot,
         batch_key=spec["batch_key"],
     )
-    own = pretrain(
+    own = pretrain(output_dir / "models" / name, [cells_file], args, results)
+    own_batch_aware = pretrain(
         output_dir / "models" / f"{name}_batch_aware", [cells_file], args, results, batch_key=spec["batch_key"]
     )
     runs = {
         "X_scpalm_zero_shot": zero_shot,
         "X_scpalm_adapted": adapted,
         "X_scpalm_batch_aware": batch_aware,
-        "X_scpalm_own_batch_aware": own,
+        "X_scpalm_own": own,
+        "X_scpalm_own_batch_aware": own_batch_aware,
     }
     for key, run in runs.items():
         adata.obsm[key] = embed(run / "model", adata)

@@ -64,8 +64,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--batch_key",
-        help="an obs column of batches (technology, donor, ...): the decoders are "
-        "told each cell's batch, so h_C need not carry it (embedding needs no batch)",
+        help="an obs column of batches (technology, donor, ...): the decoders are told each cell's batch and "
+        "h_C's readout drops what tells the batches apart (embedding needs no batch)",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--preset", default="tiny", help="tiny, small or paper")

@@ -133,7 +133,7 @@ def main(argv=None):
     command, argv = argv[0], argv[1:]
     if command == "pretrain":
         args = parse_pretrain_args(argv)
-        require_extra("pretrain", ["accelerate", "datasets"], "train")
+        require_extra("pretrain", ["accelerate", "datasets", "sklearn"], "train")
         from .pretraining import RunFolderInUse, pretrain
 
         try:
@@ -149,7 +149,7 @@ def main(argv=None):
         evaluate(argv)
     else:
         if not {"-h", "--help", "--help_all"} & set(argv):
-            require_extra("finetune", ["accelerate", "datasets", "sklearn"], "train,analysis")
+            require_extra("finetune", ["accelerate", "datasets", "sklearn"], "train")
         from .finetuning import main as finetune
 
         finetune(argv, prog="scpalm finetune")

@@ -89,9 +89,10 @@ class ScPaLMConfig(PreTrainedConfig):
             scaled by v**-power: 0.25 (the default) takes the square root of the spectrum, 0.5 whitens it fully,
             0 leaves the cell token's output as it is. Pretraining losses read the output before it.
         num_batches (`int`): batch-conditioned decoding: both decoders add a learned vector for each cell's batch
-            (`batch_ids`), so that the pathway tokens and h_C need not carry what only tells batches apart. The
-            encoders never see the batch, so cells of any batch, new ones too, embed without one. 0 (the default)
-            is batch-unaware; `scpalm pretrain --batch_key` sets it from the data.
+            (`batch_ids`), so that the pathway tokens and h_C need not carry what only tells batches apart, and h_C's
+            readout leaves out the directions along which the training batches' cells differ. The encoders never
+            see the batch, so cells of any batch, new ones too, embed without one. 0 (the default) is
+            batch-unaware; `scpalm pretrain --batch_key` sets it from the data.
 
     Example:
 

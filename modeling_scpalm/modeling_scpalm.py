@@ -283,27 +283,37 @@ class ScPaLMCellEncoder(nn.Module):
         return hidden[:, 0] if self.pooling == "cell_token" else hidden.mean(1)
 
     def whiten(self, cell_embedding: torch.Tensor) -> torch.Tensor:
-        """The h_C that the model gives: centred and each principal direction rescaled (`fit_whitening`)."""
+        """The h_C that the model gives: centred, and each principal direction rescaled (`fit_whitening`)."""
         return (cell_embedding - self.whitening_mean.to(cell_embedding.dtype)) @ self.whitening_matrix.to(
             cell_embedding.dtype
         )
 
     @torch.no_grad()
-    def fit_whitening(self, cell_embeddings: torch.Tensor):
+    def fit_whitening(self, cell_embeddings: torch.Tensor, batch_directions: torch.Tensor | None = None):
         """Fits `whiten` to `(cells, hidden)` raw h_C of training cells: each principal direction of variance v is
         scaled by v**-power, so the variances become v**(1 - 2 power) (square roots at the default 0.25), then all
         by one factor that keeps their total. A few directions of large variance no longer stand for the whole
-        cell in distances (docs/design.md). Power 0 leaves h_C as it is."""
-        if self.whitening_power == 0:
+        cell in distances (docs/design.md). Power 0 leaves h_C as it is.
+
+        `batch_directions` (`(hidden, r)`, orthonormal), the directions along which the training cells' batches
+        differ, are projected out first, so that h_C no longer places a cell by its batch; a cell of any batch,
+        seen or not, still embeds without one."""
+        if self.whitening_power == 0 and batch_directions is None:
             return
         embeddings = cell_embeddings.double()
         mean = embeddings.mean(0)
-        variances, directions = torch.linalg.eigh(torch.cov((embeddings - mean).T))
-        variances = variances.clamp_min(variances.max() * 1e-8)
-        scales = variances.pow(-self.whitening_power)
-        scales = scales * (variances.sum() / (variances * scales.square()).sum()).sqrt()
+        readout = torch.eye(embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+        if batch_directions is not None:
+            batch_directions = batch_directions.to(readout)
+            readout = readout - batch_directions @ batch_directions.T
+        if self.whitening_power != 0:
+            variances, directions = torch.linalg.eigh(torch.cov(((embeddings - mean) @ readout).T))
+            variances = variances.clamp_min(variances.max() * 1e-8)
+            scales = variances.pow(-self.whitening_power)
+            scales = scales * (variances.sum() / (variances * scales.square()).sum()).sqrt()
+            readout = readout @ (directions * scales)
         self.whitening_mean.copy_(mean.to(self.whitening_mean.dtype))
-        self.whitening_matrix.copy_((directions * scales).to(self.whitening_matrix.dtype))
+        self.whitening_matrix.copy_(readout.to(self.whitening_matrix.dtype))
 
 
 class ScPaLMGeneDecoder(nn.Module):

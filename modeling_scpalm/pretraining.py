@@ -25,6 +25,9 @@ CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
 WHITENING_MAX_CELLS = 20_000  # h_C's readout is fitted on at most this many training cells
+# Batches are compared within this many k-means groups of similar cells, each batch's cells in a group counted from
+# this many, re-estimated this many times (docs/design.md, batch-aware pretraining).
+BATCH_GROUPS, BATCH_GROUP_MIN_CELLS, BATCH_ROUNDS = 30, 5, 2
 
 
 def default_max_steps(
@@ -260,12 +263,12 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
 
 def _fit_cell_embedding_whitening(model, data: TrainingData, args, accelerator):
     """Fits h_C's readout (`ScPaLMCellEncoder.fit_whitening`) to the trained cell token's output on up to
-    `WHITENING_MAX_CELLS` training cells, the same ones on every process."""
+    `WHITENING_MAX_CELLS` training cells, the same ones on every process, with their batches when the data has them."""
     from torch.utils.data import DataLoader
 
     from .collator_scpalm import ScPaLMDataCollator
 
-    if model.config.cell_embedding_whitening_power == 0:
+    if model.config.cell_embedding_whitening_power == 0 and not model.config.num_batches:
         return
     train = data.dataset["train"]
     rows = np.sort(np.random.default_rng(args.seed).permutation(len(train))[:WHITENING_MAX_CELLS])
@@ -275,13 +278,49 @@ def _fit_cell_embedding_whitening(model, data: TrainingData, args, accelerator):
         collate_fn=ScPaLMDataCollator.for_stage(model.config, data.panels, 1),
     )
     keys = ("gene_ids", "gene_values", "attention_mask", "measured_gene_mask")
-    base, embeddings = model.scpalm, []
+    base, embeddings, batch_ids = model.scpalm, [], []
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             hidden = base(**{key: batch[key].to(accelerator.device) for key in keys}).last_hidden_state
-            embeddings.append(base.cell_encoder.cell_embedding(hidden).float())
-    base.cell_encoder.fit_whitening(torch.cat(embeddings))
+            embeddings.append(base.cell_encoder.cell_embedding(hidden).float().cpu())
+            if "batch_ids" in batch:
+                batch_ids.append(batch["batch_ids"])
+    embeddings = torch.cat(embeddings)
+    directions = batch_directions(base.cell_encoder, embeddings, torch.cat(batch_ids), args.seed) if batch_ids else None
+    base.cell_encoder.fit_whitening(embeddings, directions)
+
+
+def batch_directions(cell_encoder, embeddings: torch.Tensor, batch_ids: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """The `(hidden, <= B - 1)` orthonormal directions along which the raw h_C of B batches' cells differ, or None for
+    one batch: first between the batches' means, then `BATCH_ROUNDS` times within k-means groups of similar cells
+    (clustered on the readout with the directions so far projected out), so that batches that hold different cell
+    types in different shares do not count that difference as theirs. Leaves `cell_encoder`'s readout refitted."""
+    from sklearn.cluster import KMeans
+
+    batches = batch_ids.unique()
+    centred = embeddings.double() - embeddings.double().mean(0)
+    groups, directions = torch.zeros(len(centred), dtype=torch.long), None
+    for round_ in range(BATCH_ROUNDS + 1):
+        shifts = []
+        for group in groups.unique():
+            in_group = groups == group
+            members = [in_group & (batch_ids == batch) for batch in batches]
+            members = [rows for rows in members if rows.sum() >= BATCH_GROUP_MIN_CELLS]
+            if len(members) > 1:
+                group_mean = centred[in_group].mean(0)
+                shifts += [(centred[rows].mean(0) - group_mean) * rows.sum().sqrt() for rows in members]
+        if not shifts:
+            break
+        _, singular_values, components = torch.linalg.svd(torch.stack(shifts), full_matrices=False)
+        kept = singular_values[: len(batches) - 1] > singular_values[0] * 1e-6
+        directions = components[: len(batches) - 1][kept].T
+        if round_ == BATCH_ROUNDS:
+            break
+        cell_encoder.fit_whitening(embeddings, directions)
+        kmeans = KMeans(min(BATCH_GROUPS, len(centred)), n_init=3, random_state=seed)
+        groups = torch.as_tensor(kmeans.fit_predict(cell_encoder.whiten(embeddings).numpy()))
+    return directions
 
 
 def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | None):

@@ -171,6 +171,30 @@ def test_h_c_readout_takes_the_square_root_of_the_training_spectrum(tiny_config,
         ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_whitening_power=1.0)
 
 
+def test_h_c_readout_projects_out_the_batch_directions(tiny_config):
+    """Given the directions along which the training cells' batches differ, the readout removes them before the
+    rescaling: cells shifted by their batch along them embed at the same point, which needs no batch to embed."""
+    encoder = ScPaLMModel(tiny_config).cell_encoder
+    generator = torch.Generator().manual_seed(0)
+    hidden = tiny_config.hidden_size
+    directions, _ = torch.linalg.qr(torch.randn(hidden, 2, generator=generator, dtype=torch.float64))
+    raw = torch.randn(3000, hidden, generator=generator) * torch.logspace(0, -1, hidden)
+    encoder.fit_whitening(raw, directions)
+    assert torch.linalg.matrix_rank(encoder.whitening_matrix, rtol=1e-4) == hidden - 2
+    shifted = raw + (torch.randn(3000, 2, generator=generator, dtype=torch.float64) * 5) @ directions.T
+    torch.testing.assert_close(encoder.whiten(shifted.float()), encoder.whiten(raw), atol=1e-4, rtol=0)
+    # What varies outside them keeps the readout without batches: the same square-rooted spectrum.
+    projection = torch.eye(hidden, dtype=torch.float64) - directions @ directions.T
+    plain = ScPaLMModel(tiny_config).cell_encoder
+    plain.fit_whitening((raw.double() @ projection).float())
+    torch.testing.assert_close(encoder.whiten(raw), plain.whiten(raw @ projection.float()), atol=1e-4, rtol=1e-3)
+    power_zero = ScPaLMModel(tiny_config).cell_encoder
+    power_zero.whitening_power = 0
+    power_zero.fit_whitening(raw, directions)
+    centred = (raw.double() - raw.double().mean(0)) @ projection
+    torch.testing.assert_close(power_zero.whiten(raw), centred.float(), atol=1e-5, rtol=0)
+
+
 def test_cell_token_from_expression_reads_every_gene_in_any_order(tiny_config, inputs, tmp_path):
     """e_C + LayerNorm(sum_g x_g w_g): the read sees every gene (the top-k cut is the pathway side's), ignores
     padding and gene order, reaches h_C in both stage-2 views, and round-trips through save/load."""

@@ -264,6 +264,31 @@ def test_init_from_adapts_a_finished_run_to_new_files(unbroken_run, tmp_path):
     assert summary["init_from"] == str(unbroken_run) and summary["preset"] is None
 
 
+def test_batch_directions_are_found_within_groups_of_similar_cells(tiny_config):
+    """Two batches shifted along one direction, one of them without the first cell type: the batches' means differ
+    by the missing type as well, the cells of one type only by the shift, which is what `batch_directions` finds."""
+    from modeling_scpalm import ScPaLMModel
+    from modeling_scpalm.pretraining import batch_directions
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = tiny_config.hidden_size
+    type_centres = torch.randn(3, hidden, generator=generator) * 4
+    shift = torch.nn.functional.normalize(torch.randn(hidden, generator=generator), dim=0) * 2
+    cell_types = torch.cat([torch.arange(3).repeat_interleave(300), torch.tensor([1, 2]).repeat_interleave(300)])
+    batch_ids = torch.cat([torch.zeros(900), torch.ones(600)]).long()
+    raw = type_centres[cell_types] + shift * batch_ids[:, None] + torch.randn(1500, hidden, generator=generator) * 0.5
+
+    def alignment(directions):
+        return (directions.T.float() @ shift / shift.norm()).norm().item()
+
+    between_means = raw[batch_ids == 1].mean(0) - raw[batch_ids == 0].mean(0)
+    assert alignment(between_means[:, None] / between_means.norm()) < 0.6
+    directions = batch_directions(ScPaLMModel(tiny_config).cell_encoder, raw, batch_ids, seed=0)
+    assert directions.shape == (hidden, 1)
+    assert alignment(directions) > 0.99
+    assert batch_directions(ScPaLMModel(tiny_config).cell_encoder, raw, torch.zeros(1500).long(), seed=0) is None
+
+
 def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(dataset_dir, tmp_path):
     import anndata as ad
 
@@ -292,6 +317,9 @@ def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(
         assert weights(output / stage)[f"{decoder}.batch_embeddings"].shape[0] == 3
     model = ScPaLMModel.from_pretrained(output / "model")
     assert model.config.num_batches == 3
+    # h_C's readout was fitted with the cells' three batches: two directions between their means are gone.
+    hidden = model.config.hidden_size
+    assert torch.linalg.matrix_rank(model.cell_encoder.whitening_matrix, rtol=1e-4) == hidden - 2
     del cells.obs["tech"]  # embedding needs no batch
     processor = ScPaLMProcessor.from_pretrained(output / "model")
     assert embed_anndata(model, processor, cells, progress=False).shape[0] == cells.n_obs
