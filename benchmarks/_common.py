@@ -10,8 +10,11 @@ paper's sizes on a laptop).
 import contextlib
 import os
 import platform
+import shlex
+import shutil
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 import weakref
@@ -70,10 +73,27 @@ def knn_accuracy(
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """The shell command that ran `benchmarks/<script>` with `argv` (default: this process's), quoted to be re-run."""
-    import shlex
-    import sys
-
     return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def pretrain_tiny(run_dir: Path, train_files: list[Path], seed: int, quick: bool, *options: str) -> float:
+    """`scpalm pretrain --preset tiny` on `train_files` into a fresh `run_dir`, as a user runs it: the package's
+    defaults but for `--seed` and `options` (3 steps with `quick`). Returns its wall seconds."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "modeling_scpalm.cli", "pretrain", "--output_dir", str(run_dir)]
+    command += [argument for file in train_files for argument in ("--train_file", str(file))]
+    command += ["--preset", "tiny", "--seed", str(seed), *options, *(["--max_steps", "3"] if quick else [])]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - started
+
+
+def embed_cells(model_dir: Path, adata, representation: str = "cell_embedding") -> np.ndarray:
+    """`adata`'s cells embedded by the model saved in `model_dir` (h_C, or another `representation`)."""
+    from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
+
+    model, processor = ScPaLMModel.from_pretrained(model_dir), ScPaLMProcessor.from_pretrained(model_dir)
+    return embed_anndata(model, processor, adata, progress=False, representation=representation)
 
 
 def seconds(function, repeats: int = 3, warmup: int = 1) -> float:

@@ -30,17 +30,13 @@ conservation, batch correction, total = 0.6 bio + 0.4 batch; Leiden-1.0 ARI / NM
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np
 import peers
-from _common import DATA_DIR, command_line, environment, markdown_table
+from _common import DATA_DIR, command_line, embed_cells, environment, markdown_table, pretrain_tiny
 from downstream import DATASETS, join_cells, zero_shot_datasets
 
 INTEGRATION_DATASETS = {
@@ -168,7 +164,7 @@ def add_representations(adata, name: str, spec: dict, args, output_dir: Path, re
         "X_scpalm_own_batch_aware": own_batch_aware,
     }
     for key, run in runs.items():
-        adata.obsm[key] = embed(run / "model", adata)
+        adata.obsm[key] = embed_cells(run / "model", adata)
 
 
 def other_datasets(group: str, args) -> list[Path]:
@@ -203,39 +199,15 @@ def pretrain(
         if seconds_file.is_file():
             results["train_seconds"][run_dir.name] = float(seconds_file.read_text())
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "modeling_scpalm.cli",
-        "pretrain",
-        "--output_dir",
-        str(run_dir),
-        "--preset",
-        "tiny",
-        "--seed",
-        str(args.seed),
+    options = [
+        *(["--init_from", str(init_from)] if init_from else []),
+        *(["--batch_key", batch_key] if batch_key else []),
     ]
-    for file in train_files:
-        command += ["--train_file", str(file)]
-    if init_from is not None:
-        command += ["--init_from", str(init_from)]
-    if batch_key is not None:
-        command += ["--batch_key", batch_key]
-    if args.quick:
-        command += ["--max_steps", "3"]
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    results["train_seconds"][run_dir.name] = round(time.perf_counter() - started, 1)
+    results["train_seconds"][run_dir.name] = round(
+        pretrain_tiny(run_dir, train_files, args.seed, args.quick, *options), 1
+    )
     seconds_file.write_text(f"{results['train_seconds'][run_dir.name]}\n")
     return run_dir
-
-
-def embed(model_dir: Path, adata) -> np.ndarray:
-    from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
-
-    model, processor = ScPaLMModel.from_pretrained(model_dir), ScPaLMProcessor.from_pretrained(model_dir)
-    return embed_anndata(model, processor, adata, progress=False)
 
 
 def report(results: dict) -> str:

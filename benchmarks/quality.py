@@ -26,16 +26,13 @@ the range. Writes `quality.md` and `quality.json` under `--output_dir`; rows alr
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np
 import peers
-from _common import DATA_DIR, command_line, environment, markdown_table
+from _common import DATA_DIR, command_line, embed_cells, environment, markdown_table, pretrain_tiny
 from downstream import DATASETS, zero_shot_datasets
 
 SCPALM_READOUTS = ["cell_embedding", "encoder_mean", "pathway_mean"]
@@ -173,35 +170,8 @@ def pretrain_and_embed(
 ) -> tuple[float, dict]:
     """The two commands a user runs, with the package's defaults (`--seed` aside): pretraining on `train_files`,
     then embedding `adata`; returns pretraining's seconds and each readout's embedding."""
-    import shutil
-
-    shutil.rmtree(run_dir, ignore_errors=True)
-    pretrain = [
-        sys.executable,
-        "-m",
-        "modeling_scpalm.cli",
-        "pretrain",
-        *[argument for file in train_files for argument in ("--train_file", str(file))],
-        "--output_dir",
-        str(run_dir),
-        "--preset",
-        "tiny",
-        "--seed",
-        str(seed),
-    ]
-    if quick:
-        pretrain += ["--max_steps", "3"]
-    started = time.perf_counter()
-    subprocess.run(pretrain, check=True)
-    seconds = time.perf_counter() - started
-    return seconds, {readout: embed(run_dir / "model", adata, readout) for readout in readouts}
-
-
-def embed(model_dir: Path, adata, readout: str) -> np.ndarray:
-    from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
-
-    model, processor = ScPaLMModel.from_pretrained(model_dir), ScPaLMProcessor.from_pretrained(model_dir)
-    return embed_anndata(model, processor, adata, progress=False, representation=readout)
+    seconds = pretrain_tiny(run_dir, train_files, seed, quick)
+    return seconds, {readout: embed_cells(run_dir / "model", adata, readout) for readout in readouts}
 
 
 def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
