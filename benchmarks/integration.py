@@ -68,8 +68,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--scvi_epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="200 cells a dataset, 3 pretraining steps")
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="200 cells a dataset, 3 pretraining steps, 2 scVI epochs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scvi_epochs = 2
+    return args
 
 
 def main(argv=None):
