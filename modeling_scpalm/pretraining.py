@@ -369,25 +369,21 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
 def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS) -> torch.Tensor:
     """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most
     `max_cells` of them, drawn with `seed`), by randomized SVD of the centred sparse matrix (Halko et al. 2011)."""
-    import scipy.sparse as sp
-
     if len(train) > max_cells:
         train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_cells, replace=False)))
     cells = train.with_format("numpy")[:]
-    offsets = np.concatenate([[0], np.cumsum([len(genes) for genes in cells["gene_ids"]])])
-    values = sp.csr_matrix(
-        (np.concatenate(cells["gene_values"]), np.concatenate(cells["gene_ids"]), offsets),
-        shape=(len(offsets) - 1, num_genes),
-        dtype=np.float32,
-    )
-    entries = values.tocoo()
+    lengths = np.fromiter((len(genes) for genes in cells["gene_ids"]), dtype=np.int64, count=len(train))
+    genes = np.concatenate(cells["gene_ids"]).astype(np.int64)
+    values = np.concatenate(cells["gene_values"]).astype(np.float32)
     matrix = torch.sparse_coo_tensor(
-        torch.from_numpy(np.stack([entries.row, entries.col])).long(), torch.from_numpy(entries.data), values.shape
+        torch.from_numpy(np.stack([np.repeat(np.arange(len(train)), lengths), genes])),
+        torch.from_numpy(values),
+        (len(train), num_genes),
     ).coalesce()
-    mean = torch.from_numpy(np.asarray(values.mean(0), dtype=np.float32))
+    mean = torch.from_numpy(np.bincount(genes, values, num_genes) / len(train)).float()[None]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _, _, axes = torch.svd_lowrank(matrix, q=min(rank, *values.shape), niter=4, M=mean)
+        _, _, axes = torch.svd_lowrank(matrix, q=min(rank, len(train), num_genes), niter=4, M=mean)
     # Fewer cells or genes than `rank`: the remaining columns stay at zero.
     return torch.nn.functional.pad(axes, (0, rank - axes.shape[1]))
 
