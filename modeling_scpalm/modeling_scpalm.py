@@ -228,7 +228,8 @@ class ScPaLMCellEncoder(nn.Module):
 
     With `config.cell_token_from_expression`, e_C is the learned token plus a read of the cell's whole expression,
     LayerNorm(sum_g x_g w_g) with one learned vector w_g per gene: a sum over the cell's genes, so permutation
-    invariant like the embedding, and it sees every gene of the cell, which the masked pathway tokens do not."""
+    invariant like the embedding, and it sees every gene of the cell, which the masked pathway tokens do not.
+    Pretraining starts the w_g at the training cells' principal axes (`initialize_expression_read`)."""
 
     def __init__(self, config: ScPaLMConfig):
         super().__init__()
@@ -245,6 +246,23 @@ class ScPaLMCellEncoder(nn.Module):
         self.register_buffer("whitening_mean", torch.empty(config.hidden_size))
         self.register_buffer("whitening_matrix", torch.empty(config.hidden_size, config.hidden_size))
         self.whitening_power = config.cell_embedding_whitening_power
+        self.initializer_range = config.initializer_range
+
+    @torch.no_grad()
+    def initialize_expression_read(self, principal_axes: torch.Tensor):
+        """Start the expression read at `principal_axes` (`(num_genes, hidden)`, orthonormal columns: the training
+        cells' first principal axes), scaled so that its entries are the size the initializer gives them. From a
+        random start the few hundred steps of stage 2 leave the read close to a random projection, which places cells
+        unlike the training cells far worse than a PCA does (docs/design.md)."""
+        if self.expression_weight is None:
+            return
+        if principal_axes.shape != self.expression_weight.shape:
+            raise ValueError(
+                f"`principal_axes` has shape {tuple(principal_axes.shape)}; the read needs "
+                f"{tuple(self.expression_weight.shape)} (genes x hidden)."
+            )
+        scale = self.initializer_range * self.expression_weight.shape[0] ** 0.5
+        self.expression_weight.copy_(principal_axes.to(self.expression_weight) * scale)
 
     def read_expression(
         self,

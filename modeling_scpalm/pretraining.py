@@ -25,6 +25,7 @@ CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
 WHITENING_MAX_CELLS = 20_000  # h_C's readout is fitted on at most this many training cells
+PRINCIPAL_AXES_CELLS = 20_000  # the expression read starts at the principal axes of at most this many
 # Batches are compared within this many k-means groups of similar cells, each batch's cells in a group counted from
 # this many, re-estimated this many times (docs/design.md, batch-aware pretraining).
 BATCH_GROUPS, BATCH_GROUP_MIN_CELLS, BATCH_ROUNDS = 30, 5, 2
@@ -359,7 +360,32 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
     elif init_dir is None:
         # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
         (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(data.mean_expression)
+        if stage == 2 and model.scpalm.cell_encoder.expression_weight is not None:
+            axes = principal_axes(data.dataset["train"], config.num_genes, config.hidden_size, args.seed)
+            model.scpalm.cell_encoder.initialize_expression_read(axes)
     return model
+
+
+def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS) -> torch.Tensor:
+    """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most
+    `max_cells` of them, drawn with `seed`), by randomized SVD of the centred sparse matrix (Halko et al. 2011)."""
+    if len(train) > max_cells:
+        train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_cells, replace=False)))
+    cells = train.with_format("numpy")[:]
+    lengths = np.fromiter((len(genes) for genes in cells["gene_ids"]), dtype=np.int64, count=len(train))
+    genes = np.concatenate(cells["gene_ids"]).astype(np.int64)
+    values = np.concatenate(cells["gene_values"]).astype(np.float32)
+    matrix = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([np.repeat(np.arange(len(train)), lengths), genes])),
+        torch.from_numpy(values),
+        (len(train), num_genes),
+    ).coalesce()
+    mean = torch.from_numpy(np.bincount(genes, values, num_genes) / len(train)).float()[None]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, axes = torch.svd_lowrank(matrix, q=min(rank, len(train), num_genes), niter=4, M=mean)
+    # Fewer cells or genes than `rank`: the remaining columns stay at zero.
+    return torch.nn.functional.pad(axes, (0, rank - axes.shape[1]))
 
 
 def _stage_loaders(stage: int, args, accelerator, config, data: TrainingData):

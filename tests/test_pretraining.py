@@ -289,6 +289,42 @@ def test_batch_directions_are_found_within_groups_of_similar_cells(tiny_config):
     assert batch_directions(ScPaLMModel(tiny_config).cell_encoder, raw, torch.zeros(1500).long(), seed=0) is None
 
 
+def test_principal_axes_of_the_sparse_training_cells_are_pca_components(tiny_config):
+    """The expression read's starting point: the sparse training cells' principal axes, as scikit-learn's PCA of the
+    same dense matrix finds them, and the read set to them at the initializer's scale."""
+    import datasets
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from modeling_scpalm import ScPaLMModel
+    from modeling_scpalm.pretraining import principal_axes
+
+    rng = np.random.default_rng(0)
+    genes, rank = tiny_config.num_genes, tiny_config.hidden_size
+    # Eight planted programmes of decreasing strength, each cell expressing a random sixth of the genes.
+    programmes = rng.normal(size=(8, genes)) * np.linspace(3, 1, 8)[:, None]
+    dense = np.abs(rng.normal(size=(400, 8)) @ programmes + rng.normal(size=(400, genes)) * 0.3)
+    dense[rng.random(dense.shape) > 1 / 6] = 0
+    gene_ids = [np.flatnonzero(row) for row in dense]
+    train = datasets.Dataset.from_dict(
+        {"gene_ids": gene_ids, "gene_values": [row[ids].astype(np.float32) for row, ids in zip(dense, gene_ids)]}
+    )
+    axes = principal_axes(train, genes, rank, seed=0)
+    assert axes.shape == (genes, rank)
+    reference = PCA(8).fit(dense).components_
+    cosines = np.abs((reference @ axes[:, :8].double().numpy()).diagonal())
+    assert cosines.min() > 0.99, cosines
+    torch.testing.assert_close(axes.T @ axes, torch.eye(rank), atol=1e-4, rtol=0)
+    # Fewer cells than the rank: the axes there are, then zeros.
+    assert principal_axes(train, genes, rank, seed=0, max_cells=20)[:, 20:].abs().max() == 0
+
+    encoder = ScPaLMModel(tiny_config).cell_encoder
+    encoder.initialize_expression_read(axes)
+    torch.testing.assert_close(encoder.expression_weight, axes * tiny_config.initializer_range * genes**0.5)
+    with pytest.raises(ValueError, match="genes x hidden"):
+        encoder.initialize_expression_read(axes[:, :8])
+
+
 def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(dataset_dir, tmp_path):
     import anndata as ad
 
