@@ -8,13 +8,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Under pytest-xdist each worker takes its share of the cores, for itself and the commands it starts: workers that
-# each ran as many threads as there are cores would contend for them and run slower than one process.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    torch.set_num_threads(_threads)
-
 from modeling_scpalm import ScPaLMConfig, ScPaLMProcessor
 
 DATA_DIR = Path(os.environ.get("SCPALM_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
