@@ -361,14 +361,18 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
         # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
         (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(data.mean_expression)
         if stage == 2 and model.scpalm.cell_encoder.expression_weight is not None:
-            axes = principal_axes(data.dataset["train"], config.num_genes, config.hidden_size, args.seed)
+            axes = principal_axes(data.dataset["train"], data.mean_expression, config.hidden_size, args.seed)
             model.scpalm.cell_encoder.initialize_expression_read(axes)
     return model
 
 
-def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS) -> torch.Tensor:
+def principal_axes(
+    train, mean_expression: torch.Tensor, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS
+) -> torch.Tensor:
     """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most
-    `max_cells` of them, drawn with `seed`), by randomized SVD of the centred sparse matrix (Halko et al. 2011)."""
+    `max_cells` of them, drawn with `seed`), by randomized SVD of the sparse matrix centred on `mean_expression`
+    (`(num_genes,)`, the training cells' mean; Halko et al. 2011)."""
+    num_genes = mean_expression.shape[0]
     if len(train) > max_cells:
         train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_cells, replace=False)))
     cells = train.with_format("numpy")[:]
@@ -380,9 +384,9 @@ def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int =
         torch.from_numpy(values),
         (len(train), num_genes),
     ).coalesce()
-    mean = torch.from_numpy(np.bincount(genes, values, num_genes) / len(train)).float()[None]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        mean = mean_expression.float()[None]
         _, _, axes = torch.svd_lowrank(matrix, q=min(rank, len(train), num_genes), niter=4, M=mean)
     # Fewer cells or genes than `rank`: the remaining columns stay at zero.
     return torch.nn.functional.pad(axes, (0, rank - axes.shape[1]))

@@ -309,14 +309,15 @@ def test_principal_axes_of_the_sparse_training_cells_are_pca_components(tiny_con
     train = datasets.Dataset.from_dict(
         {"gene_ids": gene_ids, "gene_values": [row[ids].astype(np.float32) for row, ids in zip(dense, gene_ids)]}
     )
-    axes = principal_axes(train, genes, rank, seed=0)
+    mean = torch.from_numpy(dense.mean(0))
+    axes = principal_axes(train, mean, rank, seed=0)
     assert axes.shape == (genes, rank)
     reference = PCA(8).fit(dense).components_
     cosines = np.abs((reference @ axes[:, :8].double().numpy()).diagonal())
     assert cosines.min() > 0.99, cosines
     torch.testing.assert_close(axes.T @ axes, torch.eye(rank), atol=1e-4, rtol=0)
     # Fewer cells than the rank: the axes there are, then zeros.
-    assert principal_axes(train, genes, rank, seed=0, max_cells=20)[:, 20:].abs().max() == 0
+    assert principal_axes(train, mean, rank, seed=0, max_cells=20)[:, 20:].abs().max() == 0
 
     encoder = ScPaLMModel(tiny_config).cell_encoder
     encoder.initialize_expression_read(axes)
