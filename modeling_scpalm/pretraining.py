@@ -361,18 +361,18 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
         # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
         (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(data.mean_expression)
         if stage == 2 and model.scpalm.cell_encoder.expression_weight is not None:
-            axes = principal_axes(data.dataset["train"], data.mean_expression, config.hidden_size, args.seed)
+            axes = principal_axes(data.dataset["train"], config.num_genes, config.hidden_size, args.seed)
             model.scpalm.cell_encoder.initialize_expression_read(axes)
     return model
 
 
-def principal_axes(
-    train, mean_expression: torch.Tensor, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS
-) -> torch.Tensor:
-    """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most
-    `max_cells` of them, drawn with `seed`), by randomized SVD of the sparse matrix centred on `mean_expression`
-    (`(num_genes,)`, the training cells' mean; Halko et al. 2011)."""
-    num_genes = mean_expression.shape[0]
+def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS) -> torch.Tensor:
+    """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most `max_cells`
+    of them, drawn with `seed`). With a `batch` column each cell is centred on its batch's mean rather than on the
+    mean of all cells, as batchelor's multiBatchPCA centres them: the axes then follow the variation within the
+    batches, not the differences between them, which the batch-aware decoders are told anyway. Randomized subspace
+    iteration on the sparse matrix, the centring applied as a low-rank correction so that no dense cells x genes
+    matrix is formed (Halko et al. 2011)."""
     if len(train) > max_cells:
         train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_cells, replace=False)))
     cells = train.with_format("numpy")[:]
@@ -383,11 +383,29 @@ def principal_axes(
         torch.from_numpy(np.stack([np.repeat(np.arange(len(train)), lengths), genes])),
         torch.from_numpy(values),
         (len(train), num_genes),
+        check_invariants=True,
     ).coalesce()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean = mean_expression.float()[None]
-        _, _, axes = torch.svd_lowrank(matrix, q=min(rank, len(train), num_genes), niter=4, M=mean)
+    # CSR products are an order of magnitude faster than COO ones on CPU.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        rows, columns = matrix.to_sparse_csr(), matrix.t().coalesce().to_sparse_csr()
+    batch = cells["batch"].astype(np.int64) if "batch" in cells else np.zeros(len(train), dtype=np.int64)
+    membership = torch.nn.functional.one_hot(torch.from_numpy(batch)).float()  # (cells, batches)
+    means = (torch.sparse.mm(columns, membership) / membership.sum(0).clamp_min(1)).T  # (batches, genes)
+
+    def centred(vectors):  # (X - membership @ means) @ vectors
+        return torch.sparse.mm(rows, vectors) - membership @ (means @ vectors)
+
+    def centred_transposed(vectors):  # (X - membership @ means)^T @ vectors
+        return torch.sparse.mm(columns, vectors) - means.T @ (membership.T @ vectors)
+
+    # Ten directions beyond `rank` sharpen the last ones (Halko et al.'s oversampling).
+    width = min(rank + 10, len(train), num_genes)
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(centred(torch.randn(num_genes, width, generator=generator))).Q
+    for _ in range(4):
+        basis = torch.linalg.qr(centred(torch.linalg.qr(centred_transposed(basis)).Q)).Q
+    axes = torch.linalg.svd(centred_transposed(basis).T, full_matrices=False).Vh[:rank].T
     # Fewer cells or genes than `rank`: the remaining columns stay at zero.
     return torch.nn.functional.pad(axes, (0, rank - axes.shape[1]))
 

@@ -291,7 +291,8 @@ def test_batch_directions_are_found_within_groups_of_similar_cells(tiny_config):
 
 def test_principal_axes_of_the_sparse_training_cells_are_pca_components(tiny_config):
     """The expression read's starting point: the sparse training cells' principal axes, as scikit-learn's PCA of the
-    same dense matrix finds them, and the read set to them at the initializer's scale."""
+    same dense matrix finds them (each batch centred on its own mean when the cells have batches), and the read set to
+    them at the initializer's scale."""
     import datasets
     import numpy as np
     from sklearn.decomposition import PCA
@@ -305,19 +306,31 @@ def test_principal_axes_of_the_sparse_training_cells_are_pca_components(tiny_con
     programmes = rng.normal(size=(8, genes)) * np.linspace(3, 1, 8)[:, None]
     dense = np.abs(rng.normal(size=(400, 8)) @ programmes + rng.normal(size=(400, genes)) * 0.3)
     dense[rng.random(dense.shape) > 1 / 6] = 0
-    gene_ids = [np.flatnonzero(row) for row in dense]
-    train = datasets.Dataset.from_dict(
-        {"gene_ids": gene_ids, "gene_values": [row[ids].astype(np.float32) for row, ids in zip(dense, gene_ids)]}
-    )
-    mean = torch.from_numpy(dense.mean(0))
-    axes = principal_axes(train, mean, rank, seed=0)
+
+    def cells(matrix, **columns):
+        gene_ids = [np.flatnonzero(row) for row in matrix]
+        values = [row[ids].astype(np.float32) for row, ids in zip(matrix, gene_ids)]
+        return datasets.Dataset.from_dict({"gene_ids": gene_ids, "gene_values": values, **columns})
+
+    def agreement(axes, reference):
+        return np.abs((reference @ axes[:, : len(reference)].double().numpy()).diagonal()).min()
+
+    axes = principal_axes(cells(dense), genes, rank, seed=0)
     assert axes.shape == (genes, rank)
-    reference = PCA(8).fit(dense).components_
-    cosines = np.abs((reference @ axes[:, :8].double().numpy()).diagonal())
-    assert cosines.min() > 0.99, cosines
+    assert agreement(axes, PCA(8).fit(dense).components_) > 0.99
     torch.testing.assert_close(axes.T @ axes, torch.eye(rank), atol=1e-4, rtol=0)
     # Fewer cells than the rank: the axes there are, then zeros.
-    assert principal_axes(train, mean, rank, seed=0, max_cells=20)[:, 20:].abs().max() == 0
+    assert principal_axes(cells(dense), genes, rank, seed=0, max_cells=20)[:, 20:].abs().max() == 0
+
+    # Two batches apart by a shift larger than any programme: centred on all cells' mean, the shift would be the first
+    # axis; centred on each batch's mean, the axes are the programmes'.
+    batch = np.arange(400) % 2
+    shifted = dense + np.outer(batch, np.abs(rng.normal(size=genes)) * 8) * (dense > 0)
+    within = shifted - np.stack([shifted[batch == b].mean(0) for b in (0, 1)])[batch]
+    batch_axes = principal_axes(cells(shifted, batch=batch.astype(np.int32)), genes, rank, seed=0)
+    assert agreement(batch_axes, PCA(8).fit(within).components_) > 0.99
+    assert agreement(principal_axes(cells(shifted), genes, rank, seed=0), PCA(1).fit(shifted).components_) > 0.99
+    assert agreement(batch_axes, PCA(1).fit(shifted).components_) < 0.5
 
     encoder = ScPaLMModel(tiny_config).cell_encoder
     encoder.initialize_expression_read(axes)
