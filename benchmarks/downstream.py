@@ -154,6 +154,7 @@ class Benchmark:
             "pathways": {},
             "memory": [],
             "training_minutes": {},
+            "reused_models": [],
         }
 
     # -- data and models -------------------------------------------------------------------------------------
@@ -178,7 +179,11 @@ class Benchmark:
         from modeling_scpalm.pretraining import main as pretrain
 
         run_dir = self.output_dir / "models" / run_name
+        minutes_file = run_dir / "training_minutes.txt"
         if (run_dir / "model" / "config.json").is_file():
+            if minutes_file.is_file():
+                self.results["training_minutes"][run_name] = float(minutes_file.read_text())
+            self.results["reused_models"].append(run_name)
             return run_dir
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's leftovers
         steps = steps or self.args.max_steps
@@ -210,6 +215,7 @@ class Benchmark:
         print(f"\n== pretraining {run_name} ==", flush=True)
         pretrain(command)
         self.results["training_minutes"][run_name] = round((time.perf_counter() - started) / 60, 2)
+        minutes_file.write_text(f"{self.results['training_minutes'][run_name]}\n")
         return run_dir
 
     def pretrain_models(self):
@@ -560,7 +566,14 @@ def render_report(bench: Benchmark, argv) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {environment()}  ",
-        f"Wall time: {results['minutes']} min; preset `{args.preset}`, {args.max_steps} pretraining steps per stage "
+        f"Wall time: {results['minutes']} min"
+        + (
+            f" (this invocation; it reused {len(results['reused_models'])} models an earlier one trained, their "
+            "training minutes below)"
+            if results["reused_models"]
+            else ""
+        )
+        + f"; preset `{args.preset}`, {args.max_steps} pretraining steps per stage "
         f"(adaptation: {args.adapt_steps}, at most {args.adapt_epochs:g} epochs), batch {args.batch_size}, "
         f"learning rate {args.learning_rate}, seed {args.seed}"
         + (" (**--quick**: 120 cells per dataset, a check that it runs, not a result)" if args.quick else "")

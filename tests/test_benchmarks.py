@@ -178,6 +178,11 @@ def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     assert {"annotation.png", "imputation.png", "umap_pbmc3k.png"} <= figures
     with pytest.raises(SystemExit):  # the folder now exists: refused without --resume
         main(["--output_dir", str(output), "--quick"])
+    # --resume trains nothing again, and reports each reused model's training minutes from the first run.
+    resumed = main(["--output_dir", str(output), "--quick", "--resume"])
+    assert set(resumed["reused_models"]) == set(results["training_minutes"])
+    assert resumed["training_minutes"] == results["training_minutes"]
+    assert f"it reused {len(resumed['reused_models'])} models" in (output / "report.md").read_text()
 
 
 @pytest.mark.slow
