@@ -181,9 +181,10 @@ class Benchmark:
         run_dir = self.output_dir / "models" / run_name
         minutes_file = run_dir / "training_minutes.txt"
         if (run_dir / "model" / "config.json").is_file():
-            if minutes_file.is_file():
-                self.results["training_minutes"][run_name] = float(minutes_file.read_text())
-            self.results["reused_models"].append(run_name)
+            if run_name not in self.results["training_minutes"]:  # trained by an earlier invocation
+                self.results["reused_models"].append(run_name)
+                if minutes_file.is_file():
+                    self.results["training_minutes"][run_name] = float(minutes_file.read_text())
             return run_dir
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run's leftovers
         steps = steps or self.args.max_steps

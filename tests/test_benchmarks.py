@@ -179,6 +179,7 @@ def test_downstream_benchmark_writes_its_report(tmp_path, pbmc3k):
     with pytest.raises(SystemExit):  # the folder now exists: refused without --resume
         main(["--output_dir", str(output), "--quick"])
     # --resume trains nothing again, and reports each reused model's training minutes from the first run.
+    assert results["reused_models"] == []
     resumed = main(["--output_dir", str(output), "--quick", "--resume"])
     assert set(resumed["reused_models"]) == set(results["training_minutes"])
     assert resumed["training_minutes"] == results["training_minutes"]
