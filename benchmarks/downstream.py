@@ -570,7 +570,7 @@ def render_report(bench: Benchmark, argv) -> str:
         f"Wall time: {results['minutes']} min"
         + (
             f" (this invocation; it reused {len(results['reused_models'])} models an earlier one trained, their "
-            "training minutes below)"
+            "training minutes below where it kept them)"
             if results["reused_models"]
             else ""
         )
