@@ -176,6 +176,7 @@ class Benchmark:
 
     def pretrain(self, run_name: str, train_files=(), steps=None, **options) -> Path:
         """`scpalm pretrain` into models/<run_name> (kept from an earlier run with --resume); returns the folder."""
+        from modeling_scpalm.data_scpalm import partial_path
         from modeling_scpalm.pretraining import main as pretrain
 
         run_dir = self.output_dir / "models" / run_name
@@ -216,7 +217,9 @@ class Benchmark:
         print(f"\n== pretraining {run_name} ==", flush=True)
         pretrain(command)
         self.results["training_minutes"][run_name] = round((time.perf_counter() - started) / 60, 2)
-        minutes_file.write_text(f"{self.results['training_minutes'][run_name]}\n")
+        staging = partial_path(minutes_file)  # renamed into place: a resumed run never reads half a number
+        staging.write_text(f"{self.results['training_minutes'][run_name]}\n")
+        os.replace(staging, minutes_file)
         return run_dir
 
     def pretrain_models(self):
