@@ -117,7 +117,7 @@ def methods(name: str, seed: int) -> list[str]:
     """The rows of one dataset and training seed."""
     scpalm = [READOUT_ROWS[readout] for readout in SCPALM_READOUTS]
     zero_shot = [ZERO_SHOT] if name in ZERO_SHOT_DATASETS else []
-    # PCA is fitted once, but each seed draws its own folds and Leiden seeds: scored under every seed, its mean is
+    # Each seed draws its own folds and Leiden seeds (and PCA's solver start): scored under every seed, PCA's mean is
     # over the same evaluation draws as the trained methods'.
     pca = ["PCA (50)", "PCA (256)"]
     return scpalm + zero_shot + pca + ["MLP autoencoder (same time)", "scVI"]
