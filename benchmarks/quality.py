@@ -174,9 +174,9 @@ def score_dataset(dataset, adata, output_dir: Path, seed: int, args, done: set) 
 
 
 def pca_with_readout(log_normalized, seed: int) -> np.ndarray:
-    """PCA at the tiny preset's width, each component of variance v scaled by v**-power at h_C's default power. The
-    components are already h_C's readout's principal directions, uncorrelated, so this is `fit_whitening` on them (up
-    to one overall factor, which no score here sees)."""
+    """PCA at the tiny preset's width, each component of variance v scaled by v**-power at h_C's default power:
+    `fit_whitening` applied to the components, whose principal directions are the components themselves (up to one
+    overall factor, which no score here sees)."""
     from modeling_scpalm import ScPaLMConfig
 
     config = ScPaLMConfig.from_preset("tiny")
