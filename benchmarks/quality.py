@@ -11,9 +11,9 @@ Each dataset's cells are represented by:
   tokens averaged), the ablations of the cell token;
 - **scPaLM h_C zero-shot** (pbmc3k): the same commands, pretrained on the other datasets with gene names (the
   mixology lines and pbmc_3tech) and embedding pbmc3k, which the model never saw;
-- **PCA** of the log-normalised values (50 and 256 components; all genes, no scaling), and PCA at h_C's width (64,
-  the tiny preset's) with h_C's readout (each component of variance v scaled by v**-0.25, as the model scales h_C's
-  principal directions): what the readout alone gives, without the model;
+- **PCA** of the log-normalised values (50 and 256 components; all genes, no scaling), and PCA at h_C's width (the
+  tiny preset's 64) given h_C's readout (the model's `fit_whitening`: each principal direction of variance v scaled
+  by v**-0.25): what the readout alone gives, without the model;
 - **MLP autoencoder** (genes -> 256 -> 64 -> 256 -> genes, MSE on the log-normalised values of the 2,000 most
   variable genes), trained for the wall-clock time scPaLM's pretraining took on the same machine;
 - **scVI** (scvi-tools with its defaults, on the 2,000 most variable genes' counts; the `peers` extra).
@@ -48,7 +48,7 @@ LEIDEN_SEEDS = 3
 ZERO_SHOT = "scPaLM h_C zero-shot"
 ZERO_SHOT_DATASETS = ["pbmc3k"]  # whose zero-shot target, unseen, is ZERO_SHOT_TARGET
 ZERO_SHOT_TARGET = {"knn": 0.85, "ari": 0.5}
-PCA_WITH_READOUT = "PCA (64), h_C's readout"
+PCA_WITH_READOUT = "PCA at h_C's width, h_C's readout"
 
 
 def parse_args(argv=None):
@@ -174,15 +174,18 @@ def score_dataset(dataset, adata, output_dir: Path, seed: int, args, done: set) 
 
 
 def pca_with_readout(log_normalized, seed: int) -> np.ndarray:
-    """PCA at the tiny preset's width, each component of variance v scaled by v**-power at h_C's default power:
-    `fit_whitening` applied to the components, whose principal directions are the components themselves (up to one
-    overall factor, which no score here sees)."""
-    from modeling_scpalm import ScPaLMConfig
+    """PCA at the tiny preset's width, given h_C's readout: the model's own `fit_whitening`, fitted on the components
+    and applied to them, at the default power."""
+    import torch
 
-    config = ScPaLMConfig.from_preset("tiny")
-    components = peers.pca(log_normalized, config.hidden_size, seed)
-    variances = components.var(0)
-    return components * np.maximum(variances, variances.max() * 1e-8) ** -config.cell_embedding_whitening_power
+    from modeling_scpalm import ScPaLMConfig
+    from modeling_scpalm.modeling_scpalm import ScPaLMCellEncoder
+
+    config = ScPaLMConfig.from_preset("tiny", cell_token_from_expression=False)  # no per-gene read: the readout alone
+    components = torch.tensor(np.ascontiguousarray(peers.pca(log_normalized, config.hidden_size, seed), np.float32))
+    readout = ScPaLMCellEncoder(config)
+    readout.fit_whitening(components)
+    return readout.whiten(components).numpy()
 
 
 def pretrain_and_embed(

@@ -106,7 +106,7 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
         "scPaLM h_C zero-shot",
         "PCA (50)",
         "PCA (256)",
-        "PCA (64), h_C's readout",
+        "PCA at h_C's width, h_C's readout",
         "MLP autoencoder (same time)",
     } <= methods
     assert all(0 <= row["knn"] <= 1 and -1 <= row["ari"] <= 1 for row in rows)
