@@ -78,6 +78,7 @@ def evaluate_embeddings(
     # objects (tens of seconds on a few hundred cells). Frozen, the objects that exist now are not walked again.
     gc.freeze()
     try:
+        benchmarker.prepare(neighbor_computer=_nearest_neighbors(n_jobs))
         benchmarker.benchmark()
     finally:
         gc.unfreeze()
@@ -114,6 +115,24 @@ def _check_keys(adata, label_key: str, obsm_keys: list[str], batch_key: str | No
         )
     if adata.n_obs < 10:
         raise ValueError(f"{adata.n_obs} cells are too few to evaluate an embedding")
+
+
+def _nearest_neighbors(n_jobs: int, exact_up_to: int = 50_000):
+    """scib-metrics' neighbour search: exact (scikit-learn) up to `exact_up_to` cells, where it takes seconds and
+    spares numba's minute of compiling pynndescent in every fresh process; scib-metrics' approximate pynndescent
+    search beyond."""
+    from scib_metrics.nearest_neighbors import NeighborsResults, pynndescent
+    from sklearn.neighbors import NearestNeighbors
+
+    def search(embedding: np.ndarray, num_neighbors: int):
+        if len(embedding) > exact_up_to:
+            return pynndescent(embedding, n_neighbors=num_neighbors, random_state=0, n_jobs=n_jobs)
+        # Each cell is its own first neighbour, as in pynndescent's graph.
+        index = NearestNeighbors(n_neighbors=num_neighbors, algorithm="brute", n_jobs=n_jobs).fit(embedding)
+        distances, indices = index.kneighbors(embedding)
+        return NeighborsResults(indices=indices, distances=distances)
+
+    return search
 
 
 def _embeddings_only(adata, columns: list[str], obsm_keys: list[str]):
