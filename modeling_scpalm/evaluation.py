@@ -118,9 +118,9 @@ def _check_keys(adata, label_key: str, obsm_keys: list[str], batch_key: str | No
 
 
 def _nearest_neighbors(n_jobs: int, exact_up_to: int = 50_000):
-    """scib-metrics' neighbour search: exact (scikit-learn) up to `exact_up_to` cells, where it takes seconds and
-    spares numba's minute of compiling pynndescent in every fresh process; scib-metrics' approximate pynndescent
-    search beyond."""
+    """scib-metrics' neighbour search: exact (scikit-learn) up to `exact_up_to` cells, where it takes seconds, and
+    scib-metrics' approximate pynndescent beyond. Without batch metrics this spares numba's minute of compiling
+    pynndescent in each new process (kBET still builds its per-label graphs with it)."""
     from scib_metrics.nearest_neighbors import NeighborsResults, pynndescent
     from sklearn.neighbors import NearestNeighbors
 
