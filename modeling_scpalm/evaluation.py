@@ -13,6 +13,7 @@ import numpy as np
 LEIDEN_COLUMNS = {"ari": "Leiden-1.0 ARI", "nmi": "Leiden-1.0 NMI"}
 AGGREGATE_COLUMNS = ("Bio conservation", "Batch correction", "Total")
 RESULTS_NAME = "scib_results"  # <output_dir>/scib_results.csv, .md, and scib-metrics' figure (.svg)
+EXACT_NEIGHBORS_UP_TO = 50_000  # cells; an exact search of 50,000 x 64 takes seconds on two cores
 
 
 def evaluate_embeddings(
@@ -78,7 +79,9 @@ def evaluate_embeddings(
     # objects (tens of seconds on a few hundred cells). Frozen, the objects that exist now are not walked again.
     gc.freeze()
     try:
-        benchmarker.prepare(neighbor_computer=_nearest_neighbors(n_jobs))
+        # Exact neighbours where they take seconds; beyond, scib-metrics' own approximate search (pynndescent).
+        exact = cells.n_obs <= EXACT_NEIGHBORS_UP_TO
+        benchmarker.prepare(neighbor_computer=_exact_neighbors(n_jobs) if exact else None)
         benchmarker.benchmark()
     finally:
         gc.unfreeze()
@@ -117,16 +120,13 @@ def _check_keys(adata, label_key: str, obsm_keys: list[str], batch_key: str | No
         raise ValueError(f"{adata.n_obs} cells are too few to evaluate an embedding")
 
 
-def _nearest_neighbors(n_jobs: int, exact_up_to: int = 50_000):
-    """scib-metrics' neighbour search: exact (scikit-learn) up to `exact_up_to` cells, where it takes seconds, and
-    scib-metrics' approximate pynndescent beyond. Without batch metrics this spares numba's minute of compiling
-    pynndescent in each new process (kBET still builds its per-label graphs with it)."""
-    from scib_metrics.nearest_neighbors import NeighborsResults, pynndescent
+def _exact_neighbors(n_jobs: int):
+    """scib-metrics' neighbour search done exactly (scikit-learn). Besides being exact, it spares numba compiling
+    pynndescent's search in each new process, which the metrics otherwise need only for kBET's per-label graphs."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
     from sklearn.neighbors import NearestNeighbors
 
     def search(embedding: np.ndarray, num_neighbors: int):
-        if len(embedding) > exact_up_to:
-            return pynndescent(embedding, n_neighbors=num_neighbors, random_state=0, n_jobs=n_jobs)
         # Each cell is its own first neighbour, as in pynndescent's graph.
         index = NearestNeighbors(n_neighbors=num_neighbors, algorithm="brute", n_jobs=n_jobs).fit(embedding)
         distances, indices = index.kneighbors(embedding)

@@ -79,10 +79,10 @@ def test_without_a_batch_key_only_bio_metrics_are_computed(three_chemistries):
 
 
 def test_the_metrics_neighbours_are_the_exact_nearest_cells_each_cell_first(three_chemistries):
-    from modeling_scpalm.evaluation import _nearest_neighbors
+    from modeling_scpalm.evaluation import _exact_neighbors
 
     embedding = np.asarray(three_chemistries.obsm["X_pca"], dtype=np.float32)
-    found = _nearest_neighbors(n_jobs=1)(embedding, 15)
+    found = _exact_neighbors(n_jobs=1)(embedding, 15)
     distances = np.linalg.norm(embedding[:, None] - embedding[None], axis=-1)
     np.testing.assert_array_equal(found.indices[:, 0], np.arange(len(embedding)))
     np.testing.assert_allclose(found.distances, np.sort(distances, axis=1)[:, :15], atol=1e-3)
