@@ -21,6 +21,8 @@ import torch
 from .arguments import DEFAULT_EPOCHS, DEFAULT_GENE_VALUES, DEFAULT_MAX_STEPS, DEFAULT_MIN_STEPS, parse_pretrain_args
 
 STAGE_LEARNING_RATES = {1: 2e-3, 2: 2e-3}  # section 4.1 has 1e-3 and 5e-4: docs/design.md
+# A stage whose held-out reconstruction ends above this share of the mean-expression floor learned nothing.
+NOTHING_LEARNED_RATIO = 0.995
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")  # a complete checkpoint; `step_<k>.partial` is one being written
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
@@ -232,6 +234,8 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
         eval_loader = accelerator.prepare(eval_loader)
     loop = _TrainingLoop(stage, args, accelerator, model, optimizer, scheduler, collator, stage_dir, total_batch_size)
     record, eval_record = loop.run(train_loader, eval_loader, steps_per_epoch, max_steps)
+    floor = None if eval_loader is None else mean_expression_loss(eval_loader, data.mean_expression, accelerator)
+    _warn_if_nothing_learned(stage, eval_record, floor, learning_rate)
     if stage == 2:
         _fit_cell_embedding_whitening(accelerator.unwrap_model(model), data, args, accelerator)
 
@@ -253,6 +257,7 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
             "train_loss": round(record["loss"], 5),
             "eval_loss": round(eval_record["eval_loss"], 5) if eval_record else None,
             "eval_reconstruction_loss": round(eval_record["eval_reconstruction_loss"], 5) if eval_record else None,
+            "eval_mean_expression_loss": round(floor, 5) if floor is not None else None,
             "seed": args.seed,
         }
         _write_summary(accelerator, stage_dir, summary)
@@ -588,6 +593,36 @@ def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
     model.train()
     loss, reconstruction_loss = torch.cat(losses).mean(0).tolist()
     return {"eval_loss": loss, "eval_reconstruction_loss": reconstruction_loss}
+
+
+@torch.no_grad()
+def mean_expression_loss(eval_loader, mean_expression: torch.Tensor, accelerator) -> float:
+    """The held-out reconstruction loss (MSE over each cell's measured genes) of predicting every cell as the
+    training cells' mean: the floor a stage has to get under to have learned anything from the cells."""
+    losses = []
+    for batch in eval_loader:
+        gene_ids, values = batch["gene_ids"].long(), batch["gene_values"].float() * batch["attention_mask"]
+        targets = torch.zeros(gene_ids.shape[0], mean_expression.shape[0], device=gene_ids.device)
+        targets.scatter_add_(1, gene_ids, values)
+        measured = batch["measured_gene_mask"].expand_as(targets).float()
+        errors = (targets - mean_expression.to(targets)).pow(2) * measured
+        losses.append(accelerator.gather_for_metrics((errors.sum() / measured.sum().clamp_min(1.0))[None]))
+    return torch.cat(losses).mean().item()
+
+
+def _warn_if_nothing_learned(stage: int, eval_record: dict | None, floor: float | None, learning_rate: float):
+    """Say so when a stage's held-out reconstruction ends no better than the mean-expression floor: it learned
+    nothing from the cells (too high a learning rate for a wider preset can collapse every cell onto one state),
+    and its model would embed every cell alike."""
+    if eval_record is None or eval_record["eval_reconstruction_loss"] < NOTHING_LEARNED_RATIO * floor:
+        return
+    warnings.warn(
+        f"Stage {stage} learned nothing from the cells: its held-out reconstruction loss "
+        f"({eval_record['eval_reconstruction_loss']:.4f}) is no better than predicting each gene's mean expression "
+        f"({floor:.4f}). Train again with a lower --learning_rate (this run: {learning_rate:g}) or more steps "
+        "(--max_steps).",
+        stacklevel=2,
+    )
 
 
 def _loss_parts(output) -> dict[str, float]:

@@ -56,6 +56,19 @@ def unbroken_run(dataset_dir, tmp_path_factory):
     return output
 
 
+def test_a_stage_that_learns_nothing_says_so(dataset_dir, tmp_path):
+    from modeling_scpalm.hub_scpalm import TRAINING_SUMMARY_FILE
+
+    # A learning rate far too high sends stage 1 above the mean-expression floor instead of under it.
+    with pytest.warns(UserWarning, match=r"Stage 1 learned nothing from the cells: .* --learning_rate \(this run: 1\)"):
+        main(
+            ["--dataset_dir", str(dataset_dir), "--output_dir", str(tmp_path / "run"), "--stage", "1"]
+            + ["--preset", "tiny", "--max_steps", "4", "--learning_rate", "1", "--seed", "0"]
+        )
+    summary = json.loads((tmp_path / "run" / "stage_1" / TRAINING_SUMMARY_FILE).read_text())
+    assert summary["eval_reconstruction_loss"] > summary["eval_mean_expression_loss"] > 0
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 

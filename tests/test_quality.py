@@ -1,6 +1,8 @@
 """The cell embedding the package's defaults give: `scpalm pretrain --preset tiny` with no other flag on pbmc3k, then
 h_C's cell-type neighbours (benchmarks/quality.py measures the same on every shared dataset)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -16,12 +18,17 @@ def test_default_pretraining_gives_an_embedding_whose_neighbours_share_the_cell_
     from sklearn.neighbors import KNeighborsClassifier
 
     from modeling_scpalm import ScPaLMModel, ScPaLMProcessor, embed_anndata
+    from modeling_scpalm.hub_scpalm import TRAINING_SUMMARY_FILE
+    from modeling_scpalm.pretraining import NOTHING_LEARNED_RATIO
     from modeling_scpalm.pretraining import main as pretrain
 
     cells = tmp_path / "pbmc3k.h5ad"
     pbmc3k.write_h5ad(cells)
     run = tmp_path / "run"
     pretrain(["--train_file", str(cells), "--output_dir", str(run), "--preset", "tiny"])
+    for stage in (1, 2):  # the defaults take each stage under the mean-expression floor: no "learned nothing"
+        summary = json.loads((run / f"stage_{stage}" / TRAINING_SUMMARY_FILE).read_text())
+        assert summary["eval_reconstruction_loss"] < NOTHING_LEARNED_RATIO * summary["eval_mean_expression_loss"]
     model, processor = ScPaLMModel.from_pretrained(run / "model"), ScPaLMProcessor.from_pretrained(run / "model")
     embedding = embed_anndata(model, processor, pbmc3k, progress=False)
     labels = pbmc3k.obs["cell_type"].astype(str).to_numpy()
