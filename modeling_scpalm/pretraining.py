@@ -235,7 +235,8 @@ def run_stage(stage: int, args, accelerator, data: TrainingData, stage_one_dir: 
     loop = _TrainingLoop(stage, args, accelerator, model, optimizer, scheduler, collator, stage_dir, total_batch_size)
     record, eval_record = loop.run(train_loader, eval_loader, steps_per_epoch, max_steps)
     floor = None if eval_loader is None else mean_expression_loss(eval_loader, data.mean_expression, accelerator)
-    _warn_if_nothing_learned(stage, eval_record, floor, learning_rate)
+    if accelerator.is_main_process:
+        _warn_if_nothing_learned(stage, eval_record, floor, learning_rate)
     if stage == 2:
         _fit_cell_embedding_whitening(accelerator.unwrap_model(model), data, args, accelerator)
 
