@@ -653,13 +653,6 @@ class ScPaLMPreTrainedModel(PreTrainedModel):
             shape = tuple(batch_ids.shape)
             raise ValueError(f"`batch_ids` must be one id per cell, shape ({batch_size},), not {shape}.")
 
-    def _dense_targets(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, attention_mask: torch.Tensor):
-        """(batch, num_genes) expression in vocabulary order from the sparse inputs."""
-        values = (gene_values * attention_mask).float()
-        return torch.zeros(gene_ids.shape[0], self.config.num_genes, device=gene_ids.device).scatter_add_(
-            1, gene_ids.long(), values
-        )
-
 
 class ScPaLMModel(ScPaLMPreTrainedModel):
     """Embedding, pathway encoder and quantizer (stage 1) and the cell encoder (stage 2); gives h_C."""
@@ -785,8 +778,9 @@ class ScPaLMForPathwayReconstruction(ScPaLMPreTrainedModel):
         # side) and costs the representation nothing. Decoding the codes (the paper) lost cells: docs/design.md.
         depth = cell_depth(gene_values, attention_mask, measured_gene_mask)
         reconstruction = self.decoder(pathway.encoder_output, depth, batch_ids).float()
-        targets = self._dense_targets(gene_ids, gene_values, attention_mask)
-        reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
+        reconstruction_loss = reconstruction_mse(
+            reconstruction, gene_ids, gene_values, attention_mask, measured_gene_mask
+        )
         quantized = pathway.quantizer
         commitment_loss = quantized.commitment_loss if quantized is not None else reconstruction_loss.new_zeros(())
         output = ScPaLMForPathwayReconstructionOutput(
@@ -876,8 +870,9 @@ class ScPaLMForCellPretraining(ScPaLMPreTrainedModel):
         reconstruction = reconstruction.float()
         masked_token_mask = torch.ones(batch_size, self.config.num_pathway_tokens, dtype=torch.bool, device=device)
         masked_token_mask.scatter_(1, kept_token_indices, False)
-        targets = self._dense_targets(gene_ids, gene_values, attention_mask)
-        reconstruction_loss = _masked_mse(reconstruction, targets, measured_gene_mask.expand_as(targets))
+        reconstruction_loss = reconstruction_mse(
+            reconstruction, gene_ids, gene_values, attention_mask, measured_gene_mask
+        )
         loss = reconstruction_loss
 
         token_reconstruction_loss = None
@@ -987,10 +982,20 @@ def top_expressed_genes(
     )
 
 
-def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the entries where `mask` holds (Algorithm 3: ||o - x||^2 / ||m||_1)."""
-    mask = mask.to(prediction.dtype)
-    return ((prediction - target).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
+def reconstruction_mse(
+    prediction: torch.Tensor,
+    gene_ids: torch.Tensor,
+    gene_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    measured_gene_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error of `prediction` (`(batch, num_genes)`, or `(num_genes,)` for every cell alike) against the
+    cells' expression over each cell's measured genes (Algorithm 3: ||o - x||^2 / ||m||_1)."""
+    values = (gene_values * attention_mask).float()
+    targets = torch.zeros(gene_ids.shape[0], prediction.shape[-1], device=gene_ids.device)
+    targets.scatter_add_(1, gene_ids.long(), values)
+    mask = measured_gene_mask.expand_as(targets).to(targets.dtype)
+    return ((prediction.float() - targets).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 __all__ = [

@@ -600,14 +600,12 @@ def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
 def mean_expression_loss(eval_loader, mean_expression: torch.Tensor, accelerator) -> float:
     """The held-out reconstruction loss (MSE over each cell's measured genes) of predicting every cell as the
     training cells' mean: the floor a stage has to get under to have learned anything from the cells."""
-    losses = []
+    from .modeling_scpalm import reconstruction_mse
+
+    mean_expression, losses = mean_expression.to(accelerator.device), []
     for batch in eval_loader:
-        gene_ids, values = batch["gene_ids"].long(), batch["gene_values"].float() * batch["attention_mask"]
-        targets = torch.zeros(gene_ids.shape[0], mean_expression.shape[0], device=gene_ids.device)
-        targets.scatter_add_(1, gene_ids, values)
-        measured = batch["measured_gene_mask"].expand_as(targets).float()
-        errors = (targets - mean_expression.to(targets)).pow(2) * measured
-        losses.append(accelerator.gather_for_metrics((errors.sum() / measured.sum().clamp_min(1.0))[None]))
+        inputs = (batch[key] for key in ("gene_ids", "gene_values", "attention_mask", "measured_gene_mask"))
+        losses.append(accelerator.gather_for_metrics(reconstruction_mse(mean_expression, *inputs)[None]))
     return torch.cat(losses).mean().item()
 
 
