@@ -21,7 +21,7 @@ from modeling_scpalm import (
     ScPaLMForPathwayReconstruction,
     ScPaLMModel,
 )
-from modeling_scpalm.modeling_scpalm import ScPaLMLayer, cell_depth, top_expressed_genes
+from modeling_scpalm.modeling_scpalm import ScPaLMLayer, cell_depth, reconstruction_mse, top_expressed_genes
 
 from .conftest import random_cells, sparse_inputs
 
@@ -343,6 +343,21 @@ def test_deep_cells_enter_through_their_most_expressed_genes_but_are_reconstruct
         1, inputs["gene_ids"], inputs["gene_values"] * inputs["attention_mask"]
     )
     torch.testing.assert_close(output.reconstruction_loss, ((output.reconstruction - targets) ** 2).mean())
+
+
+def test_reconstruction_loss_is_the_squared_error_over_each_cells_measured_genes():
+    """Both heads' loss and the mean-expression floor: a per-cell prediction or one for every cell alike, scored
+    on the genes each cell's panel measured (an unmeasured gene's zero is no observation)."""
+    dense = random_cells(BATCH, 12, seed=5)
+    inputs = sparse_inputs(dense)
+    measured = torch.ones(BATCH, 12, dtype=torch.bool)
+    measured[:2, 8:] = False  # two cells from a panel without the last four genes
+    prediction = np.random.default_rng(6).normal(size=(BATCH, 12)).astype(np.float32)
+    mean = dense.mean(0)
+    for predicted, expected_error in ((prediction, prediction - dense), (mean, mean[None, :] - dense)):
+        expected = (expected_error**2)[measured.numpy()].mean()
+        loss = reconstruction_mse(torch.from_numpy(predicted), **inputs, measured_gene_mask=measured)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_inference_breaks_ties_at_the_cut_by_vocabulary_order_not_by_input_order():
