@@ -84,6 +84,10 @@ class ScPaLMConfig(PreTrainedConfig):
         cell_token_from_expression (`bool`): add to the cell token e_C a learned linear read of the cell's whole
             expression (one vector per gene, summed with the cell's values, then LayerNorm); h_C then sees every
             gene, not only the pathway tokens left after masking. False gives the paper's constant e_C.
+        expression_read_gene_scaling (`float`, 0 to 1): pretraining starts the expression read at the principal axes
+            of the training cells with each gene's values divided by its standard deviation to this power (then
+            rescaled to keep the cells' total variance): 0 (the default) takes the log-normalised values as they
+            are, 1 z-scores the genes. Genes of little variance then count for more in where the read places a cell.
         cell_embedding_whitening_power (`float`, 0 to 0.5): the h_C the model gives is the cell token's output
             centred and each principal direction of variance v (over the training cells, fitted after stage 2)
             scaled by v**-power: 0.25 (the default) takes the square root of the spectrum, 0.5 whitens it fully,
@@ -134,6 +138,7 @@ class ScPaLMConfig(PreTrainedConfig):
     decode_with_depth: bool = True
     cell_embedding_pooling: str = "cell_token"
     cell_token_from_expression: bool = True
+    expression_read_gene_scaling: float | int = 0.0
     cell_embedding_whitening_power: float | int = 0.25
     num_batches: int = 0
 
@@ -216,6 +221,11 @@ class ScPaLMConfig(PreTrainedConfig):
             raise ValueError(
                 "`cell_embedding_whitening_power` must be within [0, 0.5] (0 leaves h_C as it is, 0.5 whitens it), "
                 f"got {self.cell_embedding_whitening_power}."
+            )
+        if not 0 <= self.expression_read_gene_scaling <= 1:
+            raise ValueError(
+                "`expression_read_gene_scaling` must be within [0, 1] (0 reads the log-normalised values as they "
+                f"are, 1 z-scores each gene), got {self.expression_read_gene_scaling}."
             )
         if self.token_reconstruction_weight < 0:
             raise ValueError(

@@ -250,10 +250,10 @@ class ScPaLMCellEncoder(nn.Module):
 
     @torch.no_grad()
     def initialize_expression_read(self, principal_axes: torch.Tensor):
-        """Start the expression read at `principal_axes` (`(num_genes, hidden)`, orthonormal columns: the training
-        cells' first principal axes), scaled so that its entries are the size the initializer gives them. From a
-        random start the few hundred steps of stage 2 leave the read close to a random projection, which places cells
-        unlike the training cells far worse than a PCA does (docs/design.md)."""
+        """Start the expression read at `principal_axes` (`(num_genes, hidden)`: the training cells' first principal
+        axes, orthonormal unless their genes were scaled), scaled so that an orthonormal column's entries are the size
+        the initializer gives them. From a random start the few hundred steps of stage 2 leave the read close to a
+        random projection, which places cells unlike the training cells far worse than a PCA does (docs/design.md)."""
         if self.expression_weight is None:
             return
         if principal_axes.shape != self.expression_weight.shape:

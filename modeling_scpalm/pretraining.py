@@ -28,6 +28,8 @@ PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".scpalm-run.lock"  # held by the run writing the folder
 WHITENING_MAX_CELLS = 20_000  # h_C's readout is fitted on at most this many training cells
 PRINCIPAL_AXES_CELLS = 20_000  # the expression read starts at the principal axes of at most this many
+# Genes whose training variance is below this share of the mean gene's are scaled as if it were this share.
+GENE_SCALE_VARIANCE_FLOOR = 0.01
 # Batches are compared within this many k-means groups of similar cells, each batch's cells in a group counted from
 # this many, re-estimated this many times (docs/design.md, batch-aware pretraining).
 BATCH_GROUPS, BATCH_GROUP_MIN_CELLS, BATCH_ROUNDS = 30, 5, 2
@@ -138,8 +140,10 @@ def _run(args, accelerator, output_dir: Path) -> Path:
 
     dataset, panels = load_pretraining_dataset(dataset_dir)
     processor = ScPaLMProcessor.from_pretrained(dataset_dir)
-    mean_expression, lengths = _training_statistics(dataset["train"], processor.num_genes)
-    data = TrainingData(dataset, panels, processor, mean_expression, lengths, len(load_batches(dataset_dir)))
+    mean_expression, gene_variance, lengths = _training_statistics(dataset["train"], processor.num_genes)
+    data = TrainingData(
+        dataset, panels, processor, mean_expression, gene_variance, lengths, len(load_batches(dataset_dir))
+    )
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     stage_dirs = [Path(args.stage_one_model)] if args.stage_one_model else []
     for stage in stages:
@@ -193,12 +197,14 @@ def _cell_model_from_stage_one(stage_one_dir, config, verbose: bool = False):
 @dataclass
 class TrainingData:
     """What both stages read: the dataset's splits and panels, its processor, each gene's mean (a fresh decoder's
-    bias), each training cell's number of non-zero genes (length grouping) and how many batches it has."""
+    bias) and variance (the expression read's gene scaling), each training cell's number of non-zero genes (length
+    grouping) and how many batches it has."""
 
     dataset: object
     panels: torch.Tensor
     processor: object
     mean_expression: torch.Tensor
+    gene_variance: torch.Tensor
     lengths: np.ndarray
     num_batches: int = 0
 
@@ -367,16 +373,40 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
         # A fresh decoder starts at each gene's mean, the reconstruction loss's floor.
         (model.decoder if stage == 1 else model.cell_decoder).initialize_gene_bias(data.mean_expression)
         if stage == 2 and model.scpalm.cell_encoder.expression_weight is not None:
-            axes = principal_axes(data.dataset["train"], config.num_genes, config.hidden_size, args.seed)
+            scale = gene_scale_factors(data.gene_variance, config.expression_read_gene_scaling)
+            axes = principal_axes(data.dataset["train"], config.num_genes, config.hidden_size, args.seed, scale)
             model.scpalm.cell_encoder.initialize_expression_read(axes)
     return model
 
 
-def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int = PRINCIPAL_AXES_CELLS) -> torch.Tensor:
+def gene_scale_factors(variance: torch.Tensor, power: float) -> torch.Tensor | None:
+    """`(num_genes,)` factors sd**-power for each gene's values (its training standard deviation, floored at
+    `GENE_SCALE_VARIANCE_FLOOR` of the mean gene's variance), rescaled so that the scaled cells' total variance is the
+    cells' own; None for power 0. A softened form of z-scoring genes before a PCA: genes of little variance, such as
+    markers expressed in few cells, count for more beside the few genes of large variance."""
+    if power == 0:
+        return None
+    variance = variance.double()
+    floor = GENE_SCALE_VARIANCE_FLOOR * variance[variance > 0].mean()
+    scale = variance.clamp_min(floor).pow(-power / 2)
+    return (scale * (variance.sum() / (scale.square() * variance).sum()).sqrt()).float()
+
+
+def principal_axes(
+    train,
+    num_genes: int,
+    rank: int,
+    seed: int,
+    gene_scale: torch.Tensor | None = None,
+    max_cells: int = PRINCIPAL_AXES_CELLS,
+) -> torch.Tensor:
     """`(num_genes, rank)`: the first principal axes of the training cells' log-normalised values (at most `max_cells`
-    of them, drawn with `seed`). With a `batch` column each cell is centred on its batch's mean rather than on the
-    mean of all cells, as batchelor's multiBatchPCA centres them: the axes then follow the variation within the
-    batches, not the differences between them, which the batch-aware decoders are told anyway. Randomized subspace
+    of them, drawn with `seed`). With `gene_scale` (`(num_genes,)`, `gene_scale_factors`) they are the axes of the
+    cells with each gene's values multiplied by its factor, and each gene's row is multiplied by it again, so that a
+    cell's values times the result are its coordinates on the scaled cells' axes. With a `batch` column each cell is
+    centred on its batch's mean rather than on the mean of all cells, as batchelor's multiBatchPCA centres them: the
+    axes then follow the variation within the batches, not the differences between them, which the batch-aware
+    decoders are told anyway. Randomized subspace
     iteration on the sparse matrix, the centring applied as a low-rank correction so that no dense cells x genes
     matrix is formed (Halko et al. 2011)."""
     if len(train) > max_cells:
@@ -385,6 +415,8 @@ def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int =
     lengths = np.fromiter((len(genes) for genes in cells["gene_ids"]), dtype=np.int64, count=len(train))
     genes = np.concatenate(cells["gene_ids"]).astype(np.int64)
     values = np.concatenate(cells["gene_values"]).astype(np.float32)
+    if gene_scale is not None:
+        values = values * gene_scale.numpy()[genes]
     matrix = torch.sparse_coo_tensor(
         torch.from_numpy(np.stack([np.repeat(np.arange(len(train)), lengths), genes])),
         torch.from_numpy(values),
@@ -412,6 +444,8 @@ def principal_axes(train, num_genes: int, rank: int, seed: int, max_cells: int =
     for _ in range(4):
         basis = torch.linalg.qr(centred(torch.linalg.qr(centred_transposed(basis)).Q)).Q
     axes = torch.linalg.svd(centred_transposed(basis).T, full_matrices=False).Vh[:rank].T
+    if gene_scale is not None:
+        axes = axes * gene_scale[:, None]
     # Fewer cells or genes than `rank`: the remaining columns stay at zero.
     return torch.nn.functional.pad(axes, (0, rank - axes.shape[1]))
 
@@ -690,14 +724,20 @@ def _genes_read_per_cell(lengths: np.ndarray, max_genes: int) -> float:
     return float(np.mean(np.minimum(lengths, max_genes) if max_genes else lengths))
 
 
-def _training_statistics(train, num_genes: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Each vocabulary gene's mean log-normalised value over the training cells, and each cell's number of non-zero
-    genes (for length-grouped batches), in one pass over the data."""
-    totals, lengths = np.zeros(num_genes), []
+def _training_statistics(train, num_genes: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Each vocabulary gene's mean and variance of its log-normalised value over the training cells, and each cell's
+    number of non-zero genes (for length-grouped batches), in one pass over the data."""
+    totals, squares, lengths = np.zeros(num_genes), np.zeros(num_genes), []
     for batch in train.with_format("numpy").iter(batch_size=10_000):
-        totals += np.bincount(np.concatenate(batch["gene_ids"]), np.concatenate(batch["gene_values"]), num_genes)
+        genes = np.concatenate(batch["gene_ids"])
+        values = np.concatenate(batch["gene_values"]).astype(np.float64)
+        totals += np.bincount(genes, values, num_genes)
+        squares += np.bincount(genes, values**2, num_genes)
         lengths.extend(len(genes) for genes in batch["gene_ids"])
-    return torch.from_numpy(totals / max(len(train), 1)).float(), np.asarray(lengths)
+    cells = max(len(train), 1)
+    mean = totals / cells
+    variance = np.clip(squares / cells - mean**2, 0, None)
+    return torch.from_numpy(mean).float(), torch.from_numpy(variance).float(), np.asarray(lengths)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def test_h_c_readout_takes_the_square_root_of_the_training_spectrum(tiny_config,
 
     with pytest.raises(StrictDataclassError, match="cell_embedding_whitening_power"):
         ScPaLMConfig.from_preset("tiny", num_genes=300, cell_embedding_whitening_power=1.0)
+    with pytest.raises(StrictDataclassError, match="expression_read_gene_scaling"):
+        ScPaLMConfig.from_preset("tiny", num_genes=300, expression_read_gene_scaling=-0.1)
 
 
 def test_h_c_readout_projects_out_the_batch_directions(tiny_config):

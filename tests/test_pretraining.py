@@ -354,6 +354,54 @@ def test_principal_axes_of_the_sparse_training_cells_are_pca_components(tiny_con
         encoder.initialize_expression_read(axes[:, :8])
 
 
+def test_gene_scaled_principal_axes_read_each_cell_as_its_coordinates_on_the_scaled_cells_axes(tiny_config):
+    """With `expression_read_gene_scaling` the read starts at the principal axes of the cells with each gene divided
+    by a power of its standard deviation: a cell's values times the axes are its coordinates on the scaled cells'
+    axes. The factors keep the cells' total variance, and genes of less variance get larger ones."""
+    import datasets
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from modeling_scpalm.pretraining import _training_statistics, gene_scale_factors, principal_axes
+
+    rng = np.random.default_rng(1)
+    genes, rank = tiny_config.num_genes, tiny_config.hidden_size
+    # Eight planted programmes of decreasing strength, on genes whose scales are 30-fold apart.
+    programmes = rng.normal(size=(8, genes)) * np.linspace(3, 1, 8)[:, None]
+    dense = np.abs(rng.normal(size=(400, 8)) @ programmes + rng.normal(size=(400, genes)) * 0.3)
+    dense *= np.geomspace(3, 0.1, genes)
+    dense[rng.random(dense.shape) > 1 / 3] = 0
+    dense[:, -3:] = 0  # never expressed: zero variance
+    gene_ids = [np.flatnonzero(row) for row in dense]
+    train = datasets.Dataset.from_dict(
+        {"gene_ids": gene_ids, "gene_values": [row[ids].astype(np.float32) for row, ids in zip(dense, gene_ids)]}
+    )
+
+    mean, variance, lengths = _training_statistics(train, genes)
+    np.testing.assert_allclose(mean.numpy(), dense.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variance.numpy(), dense.var(0), rtol=1e-4, atol=1e-6)
+    assert (lengths == (dense > 0).sum(1)).all()
+
+    assert gene_scale_factors(variance, 0) is None
+    scale = gene_scale_factors(variance, 0.5).double()
+    assert torch.isfinite(scale).all()
+    assert (scale.square() * variance).sum().item() == pytest.approx(variance.sum().item(), rel=1e-5)
+    expressed = variance > 0
+    # Above the floor, sd**-0.5: the factor's fourth power times the variance is one constant.
+    product = (scale.pow(4) * variance)[variance > variance[expressed].mean() * 0.01]
+    torch.testing.assert_close(product, product.mean().expand_as(product), rtol=1e-4, atol=0)
+
+    axes = principal_axes(train, genes, rank, seed=0, gene_scale=scale.float()).double()
+    scaled = dense * scale.numpy()
+    reference = PCA(8).fit(scaled)
+    coordinates = (dense - dense.mean(0)) @ axes.numpy()
+    expected = reference.transform(scaled)
+    np.testing.assert_allclose(np.abs(coordinates[:, :8]), np.abs(expected), rtol=1e-2, atol=1e-2)
+    # Unscaled, the axes are other directions: the loud genes weigh more in them.
+    unscaled = principal_axes(train, genes, rank, seed=0).double().numpy()
+    assert abs(reference.components_[0] @ unscaled[:, 0]) < 0.99
+
+
 def test_batch_key_trains_batch_conditioned_decoders_and_embeds_without_batches(dataset_dir, tmp_path):
     import anndata as ad
 
