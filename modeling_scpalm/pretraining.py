@@ -406,9 +406,8 @@ def principal_axes(
     cell's values times the result are its coordinates on the scaled cells' axes. With a `batch` column each cell is
     centred on its batch's mean rather than on the mean of all cells, as batchelor's multiBatchPCA centres them: the
     axes then follow the variation within the batches, not the differences between them, which the batch-aware
-    decoders are told anyway. Randomized subspace
-    iteration on the sparse matrix, the centring applied as a low-rank correction so that no dense cells x genes
-    matrix is formed (Halko et al. 2011)."""
+    decoders are told anyway. Randomized subspace iteration on the sparse matrix, the centring applied as a low-rank
+    correction so that no dense cells x genes matrix is formed (Halko et al. 2011)."""
     if len(train) > max_cells:
         train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_cells, replace=False)))
     cells = train.with_format("numpy")[:]
