@@ -382,9 +382,9 @@ def _stage_model(stage: int, args, data: TrainingData, stage_one_dir: Path | Non
 def gene_scale_factors(variance: torch.Tensor, power: float) -> torch.Tensor | None:
     """`(num_genes,)` factors sd**-power for each gene's values (its training standard deviation, floored at
     `GENE_SCALE_VARIANCE_FLOOR` of the mean gene's variance), rescaled so that the scaled cells' total variance is the
-    cells' own; None for power 0. A softened form of z-scoring genes before a PCA: genes of little variance, such as
-    markers expressed in few cells, count for more beside the few genes of large variance."""
-    if power == 0:
+    cells' own; None for power 0, or when no gene varies. A softened form of z-scoring genes before a PCA: genes of
+    little variance, such as markers expressed in few cells, count for more beside the few genes of large variance."""
+    if power == 0 or not (variance > 0).any():
         return None
     variance = variance.double()
     floor = GENE_SCALE_VARIANCE_FLOOR * variance[variance > 0].mean()

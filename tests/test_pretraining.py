@@ -362,7 +362,12 @@ def test_gene_scaled_principal_axes_read_each_cell_as_its_coordinates_on_the_sca
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from modeling_scpalm.pretraining import _training_statistics, gene_scale_factors, principal_axes
+    from modeling_scpalm.pretraining import (
+        GENE_SCALE_VARIANCE_FLOOR,
+        _training_statistics,
+        gene_scale_factors,
+        principal_axes,
+    )
 
     rng = np.random.default_rng(1)
     genes, rank = tiny_config.num_genes, tiny_config.hidden_size
@@ -383,12 +388,13 @@ def test_gene_scaled_principal_axes_read_each_cell_as_its_coordinates_on_the_sca
     assert (lengths == (dense > 0).sum(1)).all()
 
     assert gene_scale_factors(variance, 0) is None
+    assert gene_scale_factors(torch.zeros(genes), 0.5) is None  # nothing varies: nothing to scale
     scale = gene_scale_factors(variance, 0.5).double()
     assert torch.isfinite(scale).all()
     assert (scale.square() * variance).sum().item() == pytest.approx(variance.sum().item(), rel=1e-5)
     expressed = variance > 0
     # Above the floor, sd**-0.5: the factor's fourth power times the variance is one constant.
-    product = (scale.pow(4) * variance)[variance > variance[expressed].mean() * 0.01]
+    product = (scale.pow(4) * variance)[variance > variance[expressed].mean() * GENE_SCALE_VARIANCE_FLOOR]
     torch.testing.assert_close(product, product.mean().expand_as(product), rtol=1e-4, atol=0)
 
     axes = principal_axes(train, genes, rank, seed=0, gene_scale=scale.float()).double()
