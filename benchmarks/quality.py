@@ -7,8 +7,9 @@ Each dataset's cells are represented by:
 
 - **scPaLM h_C**: `scpalm pretrain --train_file <cells> --output_dir <run> --preset tiny` with no other flag (the
   package's defaults, training length included), then `scpalm embed`, as a user runs them; and the same model's
-  other readouts (`encoder_mean`: the pathway encoder's output averaged over tokens; `pathway_mean`: the quantized
-  tokens averaged), the ablations of the cell token;
+  other readouts (h_C before its fitted readout, `scpalm embed --representation raw_cell_embedding`; `encoder_mean`:
+  the pathway encoder's output averaged over tokens; `pathway_mean`: the quantized tokens averaged), the ablations of
+  the readout and of the cell token;
 - **scPaLM h_C zero-shot** (pbmc3k): the same commands, pretrained on the other datasets with gene names (the
   mixology lines and pbmc_3tech) and embedding pbmc3k, which the model never saw;
 - **PCA** of the log-normalised values (50 and 256 components; all genes, no scaling), and PCA at h_C's width (the
@@ -21,7 +22,9 @@ Each dataset's cells are represented by:
 Every representation is scored the same way: 5-fold 5-nearest-neighbour cell-type accuracy on the representation as
 it is, Leiden at resolution 1.0 on its 15-neighbour graph (ARI and NMI against the labels, averaged over three Leiden
 seeds), and the silhouette of the labels. Each trained method runs with `--seeds` seeds, and every row, PCA's too,
-is scored under each seed's folds and Leiden seeds; the table gives the mean and the range. Writes `quality.md` and
+is scored under each seed's folds and Leiden seeds; the table gives the mean and the range. Each cell's kNN verdict
+is kept, so that scPaLM's kNN accuracy is also compared with PCA-50's cell by cell under the same folds: the mean
+difference over the seeds, with a 95% interval from resampling the cells. Writes `quality.md` and
 `quality.json` under `--output_dir`; rows already in that `quality.json` are kept (a rerun resumes; delete a
 method's rows there to run it again).
 """
@@ -38,9 +41,10 @@ import peers
 from _common import DATA_DIR, command_line, embed_cells, environment, markdown_table, pretrain_tiny
 from downstream import DATASETS, zero_shot_datasets
 
-SCPALM_READOUTS = ["cell_embedding", "encoder_mean", "pathway_mean"]
+SCPALM_READOUTS = ["cell_embedding", "raw_cell_embedding", "encoder_mean", "pathway_mean"]
 READOUT_ROWS = {
     "cell_embedding": "scPaLM h_C",
+    "raw_cell_embedding": "scPaLM h_C before its readout",
     "encoder_mean": "scPaLM encoder_mean",
     "pathway_mean": "scPaLM pathway_mean",
 }
@@ -49,6 +53,8 @@ ZERO_SHOT = "scPaLM h_C zero-shot"
 ZERO_SHOT_DATASETS = ["pbmc3k"]  # whose zero-shot target, unseen, is ZERO_SHOT_TARGET
 ZERO_SHOT_TARGET = {"knn": 0.85, "ari": 0.5}
 PCA_WITH_READOUT = "PCA at h_C's width, h_C's readout"
+PAIRED_KNN_ROWS = ["scPaLM h_C", "scPaLM h_C before its readout"]  # compared with PCA-50 cell by cell
+BOOTSTRAP_SAMPLES = 2000
 
 
 def parse_args(argv=None):
@@ -197,22 +203,26 @@ def pretrain_and_embed(
     return seconds, {readout: embed_cells(run_dir / "model", adata, readout) for readout in readouts}
 
 
-def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
-    """kNN accuracy, Leiden-1.0 ARI/NMI (mean over `LEIDEN_SEEDS` seeds) and label silhouette of one representation."""
+def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    """kNN accuracy (the mean over folds), Leiden-1.0 ARI/NMI (mean over `LEIDEN_SEEDS` seeds) and label silhouette
+    of one representation; `knn_correct`, each cell's kNN verdict as hex of its packed bits, for paired comparisons."""
     import anndata
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
     from modeling_scpalm.tasks.annotation import cluster_and_score
 
     representation = np.asarray(representation, dtype=np.float32)
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    knn = cross_val_score(KNeighborsClassifier(5), representation, labels, cv=folds).mean()
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(representation, labels))
+    correct = cross_val_predict(KNeighborsClassifier(5), representation, labels, cv=folds) == labels
+    knn = np.mean([correct[test].mean() for _, test in folds])
     adata = anndata.AnnData(obs={"cell_type": labels}, obsm={"X_rep": representation})
     leiden = [cluster_and_score(adata, "X_rep", "cell_type", seed=seed * LEIDEN_SEEDS + s) for s in range(LEIDEN_SEEDS)]
     return {
         "knn": float(knn),
         **{key: float(np.mean([run[key] for run in leiden])) for key in ("ari", "nmi", "silhouette")},
+        "knn_correct": np.packbits(correct).tobytes().hex(),
+        "cells": len(labels),
     }
 
 
@@ -245,7 +255,53 @@ def report(results: dict, datasets: list[str]) -> str:
         lines += [f"## {metric}", "", markdown_table(["method", *datasets], table), ""]
     wins = _wins(rows, datasets)
     lines += ["## scPaLM h_C against the targets", "", wins, ""]
+    lines += [
+        "## 5-NN accuracy against PCA-50's, cell by cell",
+        "",
+        (
+            "Each cell's verdict under the same folds, the difference from PCA-50's averaged over the seeds; in "
+            f"brackets the 95% interval from resampling the cells ({BOOTSTRAP_SAMPLES:,} draws). Below PCA-50's "
+            "beyond resampling where the interval lies under 0."
+        ),
+        "",
+        _paired_knn(rows, datasets),
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _paired_knn(rows: list[dict], datasets: list[str]) -> str:
+    """Per dataset, each of `PAIRED_KNN_ROWS` against PCA-50 over the seeds both were scored under: the mean over
+    cells of (ours right) - (PCA-50 right), each cell's difference averaged over those seeds, and its bootstrap
+    interval over cells."""
+
+    def verdicts(method, name):
+        return {
+            row["seed"]: np.unpackbits(np.frombuffer(bytes.fromhex(row["knn_correct"]), np.uint8))[: row["cells"]]
+            for row in rows
+            if row["method"] == method and row["dataset"] == name and "knn_correct" in row
+        }
+
+    generator = np.random.default_rng(0)
+    table = []
+    for method in PAIRED_KNN_ROWS:
+        cells, compared, below = [method], 0, []
+        for name in datasets:
+            ours, pca = verdicts(method, name), verdicts("PCA (50)", name)
+            seeds = sorted(set(ours) & set(pca))
+            if not seeds:
+                cells.append("-")
+                continue
+            compared += 1
+            difference = np.mean([ours[seed].astype(float) - pca[seed] for seed in seeds], axis=0)
+            draws = generator.integers(0, len(difference), (BOOTSTRAP_SAMPLES, len(difference)))
+            low, high = np.percentile(difference[draws].mean(1), [2.5, 97.5])
+            cells.append(f"{difference.mean():+.3f} ({low:+.3f} to {high:+.3f})")
+            if high < 0:
+                below.append(name)
+        cells.append(f"{len(below)} of {compared}" if compared else "-")
+        table.append(cells)
+    return markdown_table(["method", *datasets, "below beyond resampling"], table)
 
 
 def _summary(values: list[float]) -> str:

@@ -174,6 +174,17 @@ def parse_pretrain_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# `inference.REPRESENTATIONS`' names, here so that `--help` answers without importing torch.
+EMBED_REPRESENTATIONS = (
+    "cell_embedding",
+    "raw_cell_embedding",
+    "encoder_mean",
+    "pathway_mean",
+    "pathway_concat",
+    "pathway_codes",
+)
+
+
 def embed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scpalm embed",
@@ -201,6 +212,14 @@ def embed_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--key", default="X_scpalm", help="the obsm key")
+    parser.add_argument(
+        "--representation",
+        default="cell_embedding",
+        choices=EMBED_REPRESENTATIONS,
+        help="what to write: h_C (cell_embedding), made for clustering; h_C before its readout (raw_cell_embedding), "
+        "whose nearest neighbours are nearer to the cell's type, for label transfer by neighbours, where clustering "
+        "cuts it finer; or the pathway tokens (encoder_mean, pathway_mean, pathway_concat, pathway_codes)",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],

@@ -59,13 +59,19 @@ def embed(argv=None):
             args.layer,
             args.is_normalized,
             args.batch_size,
+            args.representation,
             autocast_dtype=autocast_dtype,
         )
     except (ValueError, TypeError) as error:  # the data's values or genes: the processor's message says what to do
         if args.debug:
             raise
         parser.error(f"{input_path}: {error}")
-    print(f"Wrote {num_cells:,} embeddings of size {model.config.hidden_size} to {output_path} (obsm['{args.key}'])")
+    with h5py.File(output_path, "r") as file:
+        shape = file["obsm"][args.key].shape
+    print(
+        f"Wrote {args.representation} of {num_cells:,} cells, {shape[1]} values each, "
+        f"to {output_path} (obsm['{args.key}'])"
+    )
 
 
 def evaluate(argv=None):

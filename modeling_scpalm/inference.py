@@ -27,6 +27,7 @@ from .data_scpalm import (
 # the code of each pathway token (pathway identification).
 REPRESENTATIONS = {
     "cell_embedding": lambda output: output.cell_embedding,
+    "raw_cell_embedding": lambda output: output.raw_cell_embedding,
     "pathway_mean": lambda output: output.pathway_tokens.mean(1),
     "pathway_concat": lambda output: output.pathway_tokens.flatten(1),
     "encoder_mean": lambda output: output.pathway_hidden_states.mean(1),

@@ -47,7 +47,10 @@ KMEANS_ITERATIONS = 20
 class ScPaLMModelOutput(ModelOutput):
     r"""
     cell_embedding (`(batch_size, hidden_size)`): h_C, read from the cell encoder's output
-        (`config.cell_embedding_pooling`).
+        (`config.cell_embedding_pooling`) and given its fitted readout (`ScPaLMCellEncoder.fit_whitening`).
+    raw_cell_embedding (`(batch_size, hidden_size)`): h_C before that readout. Nearer neighbours, coarser clusters:
+        the readout lifts h_C's small directions, which join Leiden's pieces of a continuum and blur the nearest
+        neighbours on shallow cells (docs/design.md). With `--batch_key` it still tells the batches apart.
     last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, the cell token's first.
     pathway_codes (`(batch_size, num_pathway_tokens)`): each pathway token's codebook index (None without quantizer).
     pathway_tokens (`(batch_size, num_pathway_tokens, hidden_size)`): the quantized pathway tokens Z (the codes'
@@ -59,6 +62,7 @@ class ScPaLMModelOutput(ModelOutput):
     """
 
     cell_embedding: torch.FloatTensor | None = None
+    raw_cell_embedding: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     pathway_codes: torch.LongTensor | None = None
     pathway_tokens: torch.FloatTensor | None = None
@@ -727,8 +731,10 @@ class ScPaLMModel(ScPaLMPreTrainedModel):
         hidden, cell_hidden_states = self.cell_encoder(
             pathway.encoder_output, kept_token_indices, expression_read, output_hidden_states
         )
+        raw_cell_embedding = self.cell_encoder.cell_embedding(hidden)
         output = ScPaLMModelOutput(
-            cell_embedding=self.cell_encoder.whiten(self.cell_encoder.cell_embedding(hidden)),
+            cell_embedding=self.cell_encoder.whiten(raw_cell_embedding),
+            raw_cell_embedding=raw_cell_embedding,
             last_hidden_state=hidden,
             pathway_codes=pathway.quantizer.codes if pathway.quantizer is not None else None,
             pathway_tokens=pathway.tokens,

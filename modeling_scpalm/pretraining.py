@@ -295,8 +295,8 @@ def _fit_cell_embedding_whitening(model, data: TrainingData, args, accelerator):
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
-            hidden = base(**{key: batch[key].to(accelerator.device) for key in keys}).last_hidden_state
-            embeddings.append(base.cell_encoder.cell_embedding(hidden).float().cpu())
+            output = base(**{key: batch[key].to(accelerator.device) for key in keys})
+            embeddings.append(output.raw_cell_embedding.float().cpu())
             if "batch_ids" in batch:
                 batch_ids.append(batch["batch_ids"])
     embeddings = torch.cat(embeddings)

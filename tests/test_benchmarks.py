@@ -90,6 +90,32 @@ def test_model_flops_count_matrix_products_and_cpu_attention():
     assert model_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, key, key).relu()) == attention
 
 
+def test_quality_compares_knn_with_pca_cell_by_cell():
+    """The paired kNN comparison reads each cell's verdict back from the rows: a method right on every cell where
+    PCA-50 is right on half is +0.5 above it, and one right on none is below it beyond resampling."""
+    import numpy as np
+    from quality import _paired_knn, score
+
+    labels = np.repeat(["a", "b"], 50)
+    separated = np.c_[np.repeat([0.0, 10.0], 50), np.zeros(100)] + np.random.default_rng(0).normal(size=(100, 2))
+    row = score(separated, labels, seed=0)
+    assert row["cells"] == 100 and row["knn"] == 1.0 and len(row["knn_correct"]) == 2 * 13  # 100 bits, packed
+
+    def verdicts(method, correct):
+        bits = np.packbits(np.asarray(correct, bool)).tobytes().hex()
+        return {"method": method, "dataset": "d", "seed": 0, "cells": 100, "knn_correct": bits}
+
+    rows = [
+        verdicts("PCA (50)", np.arange(100) % 2 == 0),
+        verdicts("scPaLM h_C", np.ones(100)),
+        verdicts("scPaLM h_C before its readout", np.zeros(100)),
+    ]
+    table = _paired_knn(rows, ["d"])
+    assert "| scPaLM h_C | +0.500 (" in table and table.count("| 0 of 1 |") == 1
+    assert "| scPaLM h_C before its readout | -0.500 (" in table and table.count("| 1 of 1 |") == 1
+    assert "| - | - |" not in table
+
+
 @pytest.mark.slow
 def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     import json
@@ -102,6 +128,7 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     methods = {row["method"] for row in rows}
     assert {
         "scPaLM h_C",
+        "scPaLM h_C before its readout",
         "scPaLM encoder_mean",
         "scPaLM h_C zero-shot",
         "PCA (50)",
@@ -113,6 +140,8 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     table = (output / "quality.md").read_text()
     assert "## knn" in table and "| knn >= PCA-50 |" in table and "| knn >= autoencoder's - 0.03 |" in table
     assert "| zero-shot knn >= 0.85 and ari >= 0.5 |" in table
+    paired = table.split("## 5-NN accuracy against PCA-50's, cell by cell")[1]
+    assert "| scPaLM h_C | " in paired and "| scPaLM h_C before its readout | " in paired and " to " in paired
     # A rerun keeps the rows it finds and runs nothing again; a deleted row is run again, once.
     main(["--output_dir", str(output), "--quick"])
     assert json.loads((output / "quality.json").read_text())["rows"] == rows

@@ -63,6 +63,39 @@ def test_embed_writes_the_embeddings_and_keeps_everything_else(saved_model, cell
     np.testing.assert_allclose(written.obsm["X_scpalm"], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_embed_writes_the_representation_asked_for(saved_model, cells_file, pbmc3k_processor, tmp_path):
+    """`--representation raw_cell_embedding` writes h_C before its fitted readout, the default h_C after it; the
+    choices are the library's representations."""
+    import anndata as ad
+
+    from modeling_scpalm.arguments import EMBED_REPRESENTATIONS
+    from modeling_scpalm.inference import REPRESENTATIONS
+
+    assert set(EMBED_REPRESENTATIONS) == set(REPRESENTATIONS)
+    folder, model = saved_model
+    path, cells = cells_file
+    fitted = ScPaLMModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        fitted.cell_encoder.fit_whitening(fitted(**pbmc3k_processor(cells)).raw_cell_embedding)
+        expected = fitted(**pbmc3k_processor(cells))
+    fitted.save_pretrained(tmp_path / "model")
+    pbmc3k_processor.save_pretrained(tmp_path / "model")
+    written = {}
+    for representation in ("cell_embedding", "raw_cell_embedding", "pathway_codes"):
+        output = tmp_path / f"{representation}.h5ad"
+        main(
+            ["embed", "--model", str(tmp_path / "model"), "--input", str(path), "--output", str(output)]
+            + ["--representation", representation]
+        )
+        written[representation] = ad.read_h5ad(output).obsm["X_scpalm"]
+    for representation in ("cell_embedding", "raw_cell_embedding"):
+        np.testing.assert_allclose(
+            written[representation], getattr(expected, representation).numpy(), atol=1e-5, rtol=1e-4
+        )
+    assert not np.allclose(written["cell_embedding"], written["raw_cell_embedding"], atol=1e-2)
+    assert written["pathway_codes"].shape == (len(cells), model.config.num_pathway_tokens)
+
+
 def test_embed_with_shuffled_genes_gives_the_same_embeddings(saved_model, cells_file, tmp_path):
     import anndata as ad
 
@@ -214,6 +247,7 @@ def test_embed_anndata_gives_each_representation_in_input_order(saved_model, cel
         "pathway_mean": tokens.mean(1),
         "pathway_concat": tokens.reshape(len(cells), -1),
         "encoder_mean": output.pathway_hidden_states.numpy().mean(1),
+        "raw_cell_embedding": output.last_hidden_state[:, 0].numpy(),
         "pathway_codes": output.pathway_codes.numpy(),
     }
     for representation, values in expected.items():

@@ -142,7 +142,8 @@ def test_cell_embedding_pooling(tiny_config, inputs):
 def test_h_c_readout_takes_the_square_root_of_the_training_spectrum(tiny_config, inputs):
     """After `fit_whitening` the model's h_C is the cell token's output centred and rotated onto its principal
     directions, each variance v turned into one proportional to sqrt(v) (power 0.25), the total kept; the pretraining
-    head still reads the output before it. Power 0 leaves h_C as it is."""
+    head still reads the output before it, and the model gives it as `raw_cell_embedding`. Power 0 leaves h_C as it
+    is."""
     model = ScPaLMForCellPretraining(tiny_config).eval()
     encoder = model.scpalm.cell_encoder
     generator = torch.Generator().manual_seed(0)
@@ -157,7 +158,9 @@ def test_h_c_readout_takes_the_square_root_of_the_training_spectrum(tiny_config,
     assert whitened.mean(0).abs().max() < 1e-3
     with torch.no_grad():
         base = model.scpalm(**inputs)
-        torch.testing.assert_close(base.cell_embedding, encoder.whiten(base.last_hidden_state[:, 0]))
+        torch.testing.assert_close(base.raw_cell_embedding, base.last_hidden_state[:, 0])
+        torch.testing.assert_close(base.cell_embedding, encoder.whiten(base.raw_cell_embedding))
+        assert not torch.allclose(base.cell_embedding, base.raw_cell_embedding, atol=1e-2)
         every_token = torch.arange(tiny_config.num_pathway_tokens).expand(BATCH, -1)
         pretraining = model(**inputs, kept_token_indices=every_token)
     torch.testing.assert_close(pretraining.cell_embedding, base.last_hidden_state[:, 0])
