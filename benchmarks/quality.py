@@ -205,7 +205,8 @@ def pretrain_and_embed(
 
 def score(representation: np.ndarray, labels: np.ndarray, seed: int) -> dict:
     """kNN accuracy (the mean over folds), Leiden-1.0 ARI/NMI (mean over `LEIDEN_SEEDS` seeds) and label silhouette
-    of one representation; `knn_correct`, each cell's kNN verdict as hex of its packed bits, for paired comparisons."""
+    of one representation; `knn_correct`, each of its `cells` cells' kNN verdicts as hex of their packed bits, for
+    paired comparisons."""
     import anndata
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
