@@ -295,8 +295,10 @@ def _paired_knn(rows: list[dict], datasets: list[str]) -> str:
                 continue
             compared += 1
             difference = np.mean([ours[seed].astype(float) - pca[seed] for seed in seeds], axis=0)
-            draws = generator.integers(0, len(difference), (BOOTSTRAP_SAMPLES, len(difference)))
-            low, high = np.percentile(difference[draws].mean(1), [2.5, 97.5])
+            # A cell's difference takes one of a few values, so resampling the cells is drawing how many of each.
+            values, counts = np.unique(difference, return_counts=True)
+            draws = generator.multinomial(len(difference), counts / len(difference), BOOTSTRAP_SAMPLES)
+            low, high = np.percentile(draws @ values / len(difference), [2.5, 97.5])
             cells.append(f"{difference.mean():+.3f} ({low:+.3f} to {high:+.3f})")
             if high < 0:
                 below.append(name)

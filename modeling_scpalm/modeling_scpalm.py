@@ -48,9 +48,9 @@ class ScPaLMModelOutput(ModelOutput):
     r"""
     cell_embedding (`(batch_size, hidden_size)`): h_C, read from the cell encoder's output
         (`config.cell_embedding_pooling`) and given its fitted readout (`ScPaLMCellEncoder.fit_whitening`).
-    raw_cell_embedding (`(batch_size, hidden_size)`): h_C before that readout. Nearer neighbours, coarser clusters:
-        the readout lifts h_C's small directions, which join Leiden's pieces of a continuum and blur the nearest
-        neighbours on shallow cells (docs/design.md). In a model pretrained with batches it still holds the
+    raw_cell_embedding (`(batch_size, hidden_size)`): h_C before that readout. Nearer neighbours, more fragmented
+        clusters: the readout lifts h_C's small directions, which join Leiden's pieces of a continuum and blur the
+        nearest neighbours on shallow cells (docs/design.md). In a model pretrained with batches it still holds the
         directions that tell them apart, which the readout drops.
     last_hidden_state (`(batch_size, 1 + kept_tokens, hidden_size)`): the cell encoder output, the cell token's first.
     pathway_codes (`(batch_size, num_pathway_tokens)`): each pathway token's codebook index (None without quantizer).
