@@ -116,6 +116,27 @@ def test_quality_compares_knn_with_pca_cell_by_cell():
     assert "| - | - |" not in table
 
 
+def test_quality_counts_the_datasets_where_h_c_meets_pca_and_scvi():
+    """scVI is compared only where it was run; a tie counts as met."""
+    from quality import _wins
+
+    def row(method, dataset, knn, ari, nmi):
+        return {"method": method, "dataset": dataset, "seed": 0, "knn": knn, "ari": ari, "nmi": nmi}
+
+    rows = [
+        row("scPaLM h_C", "d1", 0.9, 0.5, 0.6),
+        row("scPaLM h_C", "d2", 0.8, 0.5, 0.6),
+        row("PCA (50)", "d1", 0.9, 0.6, 0.5),
+        row("PCA (50)", "d2", 0.85, 0.4, 0.7),
+        row("scVI", "d1", 0.95, 0.4, 0.6),
+    ]
+    table = _wins(rows, ["d1", "d2"])
+    assert "| knn >= PCA-50 | 1 of 2 | d1 |" in table and "| ari >= PCA-50 | 1 of 2 | d2 |" in table
+    assert "| nmi >= PCA-50 | 1 of 2 | d1 |" in table
+    assert "| knn >= scVI's | 0 of 1 | - |" in table and "| ari >= scVI's | 1 of 1 | d1 |" in table
+    assert "scVI" not in _wins([r for r in rows if r["method"] != "scVI"], ["d1", "d2"])
+
+
 @pytest.mark.slow
 def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     import json
@@ -139,7 +160,7 @@ def test_quality_benchmark_writes_its_table(tmp_path, pbmc3k):
     assert all(0 <= row["knn"] <= 1 and -1 <= row["ari"] <= 1 for row in rows)
     table = (output / "quality.md").read_text()
     assert "## knn" in table and "| knn >= PCA-50 |" in table and "| knn >= autoencoder's - 0.03 |" in table
-    assert "| zero-shot knn >= 0.85 and ari >= 0.5 |" in table
+    assert "| zero-shot knn >= 0.85 and ari >= 0.5 |" in table and "| knn >= scVI's |" in table
     paired = table.split("## 5-NN accuracy against PCA-50's, cell by cell")[1]
     assert "| scPaLM h_C | " in paired and "| scPaLM h_C before its readout | " in paired and " to " in paired
     # A rerun keeps the rows it finds and runs nothing again; a deleted row is run again, once.
