@@ -255,7 +255,7 @@ def report(results: dict, datasets: list[str]) -> str:
             table.append(cells)
         lines += [f"## {metric}", "", markdown_table(["method", *datasets], table), ""]
     wins = _wins(rows, datasets)
-    lines += ["## scPaLM h_C against the targets", "", wins, ""]
+    lines += ["## scPaLM h_C against the targets, and against scVI", "", wins, ""]
     lines += [
         "## 5-NN accuracy against PCA-50's, cell by cell",
         "",
